@@ -1,0 +1,93 @@
+"""Choosing a layer's rank from its singular values: pure functions, no torch modules.
+
+A rank spec is one of three kinds:
+
+* ``rank``   -- a fixed rank D (int >= 1), clamped to min(m, n);
+* ``energy`` -- the smallest D whose squared singular values reach that fraction of the
+  total (float in (0, 1]);
+* ``ratio``  -- the fraction of the layer's weight parameters to keep (float in (0, 1]):
+  the largest D with D * (m + n) <= ratio * m * n, at least 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("rank", "energy", "ratio")
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rank spec kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "rank":
+            if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
+                raise ValueError(f"rank must be an integer >= 1, got {self.value!r}")
+        else:
+            ok = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+            if not ok or not (0.0 < float(self.value) <= 1.0) or math.isnan(float(self.value)):
+                raise ValueError(f"{self.kind} must be a number in (0, 1], got {self.value!r}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value}"
+
+
+def factorized_params(rank: int, shape: tuple[int, int]) -> int:
+    """Weight parameters of the two factors of an (m x n) matrix at this rank."""
+    m, n = shape
+    return rank * (m + n)
+
+
+def saves_parameters(rank: int, shape: tuple[int, int]) -> bool:
+    """A factorisation is only worth it when D * (m + n) < m * n."""
+    m, n = shape
+    return factorized_params(rank, shape) < m * n
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int:
+    """Count of singular values above max(m, n) * eps * s_max (numpy's matrix_rank rule)."""
+    s = singular_values
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0
+    eps = torch.finfo(s.dtype).eps if s.is_floating_point() else 0.0
+    tol = float(s.max()) * max(shape) * eps
+    return int((s > tol).sum())
+
+
+def choose_rank(singular_values: torch.Tensor, spec: RankSpec, shape: tuple[int, int]) -> int:
+    """The rank D in [1, min(m, n)] that ``spec`` asks for on a matrix of this ``shape``.
+
+    ``singular_values`` are in descending order (as torch.linalg.svd returns them).
+    """
+    m, n = shape
+    full = min(m, n)
+    if spec.kind == "rank":
+        return min(int(spec.value), full)
+    if spec.kind == "ratio":
+        return max(1, min(full, int(math.floor(spec.value * m * n / (m + n)))))
+    # energy: singular values that are numerically zero carry no energy, so energy=1.0 on a
+    # rank-deficient matrix gives its numerical rank, not min(m, n) because of round-off.
+    r = numerical_rank(singular_values, shape)
+    if r == 0:
+        return 1  # an all-zero matrix: rank 1 (zero factors) reproduces it exactly
+    energy = singular_values[:r].double().square()
+    cumulative = torch.cumsum(energy, 0) / energy.sum()
+    # tiny slack so that energy=1.0 is reached despite the last cumsum's round-off
+    reached = cumulative >= spec.value - 1e-12
+    return int(torch.nonzero(reached)[0]) + 1
+
+
+def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
+    """Relative Frobenius error ||W - W_D|| / ||W|| of the best rank-D approximation."""
+    energy = singular_values.double().square()
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+from svdcompress.factorize import svd
+from svdcompress.layers import LowRankConv2d, LowRankLinear
+
+
+def frob2(t):
+    return float(t.detach().double().square().sum())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_full_rank_linear_reproduces_output(dtype, tol):
+    torch.manual_seed(0)
+    lin = nn.Linear(9, 16).to(dtype)
+    x = torch.randn(5, 9, dtype=dtype)
+    low = LowRankLinear.from_linear(lin, rank=9)
+    assert low.u.dtype == dtype and low.rank == 9
+    torch.testing.assert_close(low(x), lin(x), atol=tol, rtol=tol)
+
+
+def test_linear_truncation_error_is_sum_of_dropped_singular_values():
+    torch.manual_seed(1)
+    lin = nn.Linear(30, 20).double()
+    s = svd(lin.weight).S
+    for d in (1, 5, 12):
+        low = LowRankLinear.from_linear(lin, rank=d)
+        err = frob2(lin.weight - low.weight())
+        assert err == pytest.approx(float(s[d:].square().sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=1, padding=1), dict(stride=2, padding=0, dilation=2),
+    dict(padding="same", padding_mode="reflect"), dict(padding=2, padding_mode="circular", bias=False),
+])
+def test_full_rank_conv_reproduces_output(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, **kwargs).double()
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    low = LowRankConv2d.from_conv2d(conv, rank=8)  # full rank of the 8 x 27 matrix
+    torch.testing.assert_close(low(x), conv(x), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(low.to_dense()(x), conv(x), atol=1e-10, rtol=1e-10)
+
+
+def test_conv_truncation_error_is_eckart_young():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 12, 3).double()
+    w = conv.weight.reshape(12, -1)
+    s = svd(w).S
+    for d in (1, 3, 7):
+        low = LowRankConv2d.from_conv2d(conv, rank=d)
+        assert frob2(conv.weight - low.weight()) == pytest.approx(float(s[d:].square().sum()), rel=1e-9)
+        # and the layer really is a kxk conv to D channels then a 1x1 conv
+        assert low.v.shape == (d, 4, 3, 3) and low.u.shape == (12, d, 1, 1)
+
+
+def test_float32_conv_loose_tolerance():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(LowRankConv2d.from_conv2d(conv, 5)(x), conv(x), atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_conv_rejected():
+    with pytest.raises(ValueError, match="grouped"):
+        LowRankConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2), 2)
+
+
+def test_to_dense_round_trip_and_dtype():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4, bias=False).double()
+    low = LowRankLinear.from_linear(lin, 2)
+    dense = low.to_dense()
+    assert dense.bias is None and dense.weight.dtype == torch.float64
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(dense(x), low(x))
+
+
+def test_half_precision_weights_are_factorised():
+    lin = nn.Linear(8, 8).to(torch.bfloat16)
+    low = LowRankLinear.from_linear(lin, 8)
+    assert low.u.dtype == torch.bfloat16
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(low(x), lin(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, None])
+def test_bad_rank_rejected(rank):
+    with pytest.raises(ValueError, match="rank"):
+        LowRankLinear(4, 4, rank)
+
+
+def test_factors_are_trainable():
+    low = LowRankLinear.from_linear(nn.Linear(5, 3), 2)
+    low(torch.randn(4, 5)).sum().backward()
+    assert low.u.grad is not None and low.v.grad is not None and low.bias.grad is not None
