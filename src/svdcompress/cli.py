@@ -39,6 +39,162 @@ def cmd_info(args) -> None:
         print("  (no low-rank layers: a dense model)")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def rank_list(text: str) -> list:
+    """"10,20,full" -> [10, 20, None]"""
+    ranks = []
+    for part in text.split(","):
+        part = part.strip()
+        ranks.append(None if part == "full" else positive_int(part))
+    return ranks
+
+
+def suffixes_or_regex(text: str):
+    """A comma-separated list of name suffixes, or a regex when it has regex characters."""
+    return text if any(c in text for c in "\\^$*+?()[]{}|") else [s for s in text.split(",") if s]
+
+
+def train_config(args, **override):
+    from .train import TrainConfig
+
+    values = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                  device=args.device)
+    values.update(override)
+    return TrainConfig(**values)
+
+
+def cmd_train(args) -> None:
+    from .data import load_dataset
+    from .experiments import train_baseline
+
+    data = load_dataset(args.data, limit_train=args.limit_train)
+    model, history = train_baseline(data, train_config(args), [args.width] * args.depth,
+                                    out=args.out, resume=args.resume, progress=not args.quiet,
+                                    limit_train=args.limit_train)
+    print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
+          else f"saved {args.out}")
+
+
+def cmd_sweep(args) -> None:
+    from .experiments import run_dataset, sweep
+    from .io import load, read_meta, write_json
+
+    meta = read_meta(args.run)
+    base = load(args.run)
+    data = run_dataset(meta, args.data)
+    rows = sweep(base, data, args.ranks, progress=False)
+    print(f"{'D':>5} {'accuracy':>9} {'parameters':>12} {'bytes':>12} {'smaller':>8}")
+    for r in rows:
+        print(f"{r['rank']:>5} {r['accuracy']:>9.4f} {r['params']:>12,} {r['bytes']:>12,} "
+              f"{r['compression']:>7.1f}x")
+    out = args.out or f"{args.run}/results.json"
+    write_json(out, {"run": str(args.run), "data": data.name, "sweep": rows})
+    print(f"wrote {out}")
+
+
+def cmd_compress(args) -> None:
+    from . import compress_, load, save
+    from .config import SVDConfig
+    from .experiments import check_rank_fits, model_size
+    from .io import read_meta
+
+    meta = read_meta(args.run)
+    model = load(args.run)
+    cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
+                    target_modules=args.target, exclude_modules=args.exclude)
+    check_rank_fits(model, cfg)
+    report = compress_(model, cfg)
+    print(report)
+    save(model, args.out, config=cfg, extra={"data": meta.get("data"), "source": str(args.run),
+                                             "compression": report.to_dict(),
+                                             "metrics": model_size(model)})
+    print(f"saved {args.out}")
+
+
+def cmd_finetune(args) -> None:
+    from .config import SVDConfig
+    from .experiments import run_dataset
+    from .io import load, read_meta, save
+    from .train import train
+
+    meta = read_meta(args.run)
+    model = load(args.run)
+    data = run_dataset(meta, args.data)
+    cfg = train_config(args)
+    history = train(model, data, cfg, checkpoint_dir=args.out, resume=args.resume,
+                    progress=not args.quiet, desc="finetune")
+    cfg_meta = meta.get("config")
+    save(model.cpu(), args.out, config=SVDConfig.from_dict(cfg_meta) if cfg_meta else None,
+         extra={"data": meta.get("data"), "source": str(args.run), "history": history,
+                "train": cfg.__dict__})
+    if history:
+        print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}")
+
+
+def cmd_eval(args) -> None:
+    from .experiments import model_size, run_dataset
+    from .io import load, read_meta
+    from .train import evaluate
+
+    meta = read_meta(args.run)
+    model = load(args.run)
+    data = run_dataset(meta, args.data)
+    m = {**evaluate(model, data.x_test, data.y_test), **model_size(model)}
+    print(f"{args.run}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
+          f"{m['params']:,} parameters, {m['bytes']:,} bytes ({data.name} test split)")
+
+
+def cmd_reproduce(args) -> None:
+    from .experiments import reproduce
+
+    results = reproduce(args.data, args.out, quick=args.quick, epochs=args.epochs,
+                        seed=args.seed, device=args.device, progress=not args.quiet,
+                        hidden=[args.width] * args.depth, ranks=args.ranks,
+                        ft_rank=args.ft_rank, ft_epochs=args.ft_epochs)
+    print(f"wrote {args.out}/report.md and {args.out}/results.json")
+    for c in results["claims"]:
+        print(f"  [{'supported' if c['supported'] else 'NOT supported'}] {c['claim']}: {c['evidence']}")
+
+
+def add_train_args(s, epochs: int, lr: float) -> None:
+    s.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    s.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr})")
+    s.add_argument("--batch-size", type=positive_int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="svdcompress", description="Low-rank (truncated SVD) compression of "
                "PyTorch models: compress, fine-tune, train with projected weights, report.")
@@ -47,6 +203,62 @@ def build_parser() -> Parser:
     s = sub.add_parser("info", help="describe a saved run directory (and check its files)")
     s.add_argument("run", help="run directory (model.safetensors + svdcompress.json)")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("train", help="train the reference MLP (a baseline run directory)")
+    s.add_argument("--data", required=True, help="fashion-mnist, mnist-5k, or a directory of MNIST IDX files")
+    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
+    s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
+    s.add_argument("--limit-train", type=positive_int, help="use only the first N training samples")
+    add_train_args(s, epochs=20, lr=1e-3)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sweep", help="accuracy and size of a run truncated at each rank")
+    s.add_argument("run")
+    s.add_argument("--ranks", type=rank_list, default=[10, 20, 50, 100, 200, None],
+                   help="comma-separated ranks, 'full' for the uncompressed run (default 10,20,50,100,200,full)")
+    s.add_argument("--data", help="dataset (default: the run's)")
+    s.add_argument("--out", help="results JSON (default RUN/results.json)")
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("compress", help="factorise a run's layers and save the result")
+    s.add_argument("run")
+    how = s.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=positive_int, help="fixed rank D")
+    how.add_argument("--energy", type=fraction, help="keep this fraction of the spectrum's energy")
+    how.add_argument("--ratio", type=fraction, help="keep this fraction of each layer's parameters")
+    s.add_argument("--target", type=suffixes_or_regex, help="regex or comma-separated name suffixes")
+    s.add_argument("--exclude", type=suffixes_or_regex, help="regex or comma-separated name suffixes")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("finetune", help="train a compressed run's factors further")
+    s.add_argument("run")
+    s.add_argument("--out", required=True)
+    s.add_argument("--data", help="dataset (default: the run's)")
+    add_train_args(s, epochs=5, lr=1e-4)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("eval", help="accuracy, loss, parameters and bytes of a run")
+    s.add_argument("run")
+    s.add_argument("--data", help="dataset (default: the run's)")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("reproduce", help="the whole study: baseline, sweep, fine-tuning, report")
+    s.add_argument("--data", default="fashion-mnist")
+    s.add_argument("--out", default="report")
+    s.add_argument("--quick", action="store_true", help="a first look in a few minutes (subset, fewer epochs)")
+    s.add_argument("--epochs", type=positive_int, default=20, help="baseline epochs (default 20)")
+    s.add_argument("--ft-rank", type=positive_int, default=20, help="rank fine-tuned (default 20)")
+    s.add_argument("--ft-epochs", type=positive_int, default=5, help="fine-tuning epochs (default 5)")
+    s.add_argument("--ranks", type=rank_list, default=[10, 20, 50, 100, 200, None],
+                   help="ranks of the sweep (default 10,20,50,100,200,full)")
+    s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
+    s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_reproduce)
     return p
 
 

@@ -123,7 +123,7 @@ def _describe(module: nn.Module) -> str:
 
 # ---------------------------------------------------------------- save
 
-def _unique_tensors(state: dict) -> tuple[dict, dict]:
+def unique_tensors(state: dict) -> tuple[dict, dict]:
     """safetensors refuses shared storage: keep one copy of tied tensors, name the aliases."""
     tensors, aliases, seen = {}, {}, {}
     for key, t in state.items():
@@ -144,7 +144,7 @@ def save(model: nn.Module, directory: str | Path, *, config: SVDConfig | None = 
     record their architecture, so ``load(directory)`` needs no model from the caller.
     """
     directory = Path(directory)
-    tensors, aliases = _unique_tensors(model.state_dict())
+    tensors, aliases = unique_tensors(model.state_dict())
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

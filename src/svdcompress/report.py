@@ -1,0 +1,174 @@
+"""The study's report: report.md and PNG figures, made from a results dict (results.json)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def _sweep_points(results: dict, key: str = "sweep"):
+    rows = [r for r in results.get(key, []) if r["rank"] != "full"]
+    return [r["rank"] for r in rows], [100 * r["accuracy"] for r in rows], [r["params"] for r in rows]
+
+
+def fig_accuracy_vs_rank(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ranks, acc, _ = _sweep_points(results)
+    ax.plot(ranks, acc, "o-", label="plain truncation")
+    if results.get("sweep_whiten"):
+        r2, a2, _ = _sweep_points(results, "sweep_whiten")
+        ax.plot(r2, a2, "s-", label="whitened truncation")
+    ft = results.get("finetune")
+    if ft:
+        mean = sum(r["accuracy"] for r in ft["runs"]) / len(ft["runs"])
+        ax.plot([ft["rank"]], [100 * mean], "*", ms=14, label=f"fine-tuned factors ({ft['epochs']} ep.)")
+    dyn = results.get("dynamic")
+    if dyn:
+        mean = sum(r["accuracy"] for r in dyn["runs"]) / len(dyn["runs"])
+        ax.plot([dyn["rank"]], [100 * mean], "P", ms=12, label=f"dynamic training ({dyn['epochs']} ep.)")
+    ax.axhline(100 * results["baseline"]["accuracy"], color="gray", ls="--", label="uncompressed")
+    ax.set_xscale("log")
+    ax.set_xticks(ranks, [str(r) for r in ranks])
+    ax.set_xlabel("rank D of every layer but the last")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Accuracy vs rank ({results['data']['name']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def fig_accuracy_vs_params(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ranks, acc, params = _sweep_points(results)
+    ax.plot(params, acc, "o-", label="plain truncation")
+    for r, a, p in zip(ranks, acc, params):
+        ax.annotate(f"D={r}", (p, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    base = results["baseline"]
+    ax.axhline(100 * base["accuracy"], color="gray", ls="--",
+               label=f"uncompressed ({base['params']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters of the whole network")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def fig_spectra(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in results["spectra"].items():
+        ax.plot(range(1, len(s) + 1), s, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("singular value s_i")
+    ax.set_title("Singular-value spectrum of each layer (trained baseline)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def fig_training_curves(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    h = results["baseline"]["history"]
+    ax.plot([r["epoch"] for r in h], [100 * r["test_accuracy"] for r in h], "o-", label="baseline")
+    n = len(h)
+    for key, label in (("finetune", "fine-tune factors"), ("dynamic", "dynamic training")):
+        if results.get(key):
+            for run in results[key]["runs"]:
+                hh = run["history"]
+                ax.plot([n + r["epoch"] for r in hh], [100 * r["test_accuracy"] for r in hh],
+                        ".-", alpha=0.8, label=f"{label} D={results[key]['rank']} (seed {run['seed']})")
+    ax.set_xlabel("epoch (fine-tuning continues after the baseline)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+FIGURES = {
+    "accuracy_vs_rank.png": fig_accuracy_vs_rank,
+    "accuracy_vs_params.png": fig_accuracy_vs_params,
+    "spectra.png": fig_spectra,
+    "training_curves.png": fig_training_curves,
+}
+
+
+def headline_table(results: dict) -> str:
+    lines = ["| D | accuracy | parameters | bytes (float32) | smaller by |",
+             "|---|---:|---:|---:|---:|"]
+    for r in results["sweep"]:
+        lines.append(f"| {r['rank']} | {_pct(r['accuracy'])} | {r['params']:,} | "
+                     f"{r['bytes']:,} | {r['compression']:.1f}x |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    s, d = results["settings"], results["data"]
+    base = results["baseline"]
+    parts = [
+        "# SVD compression study",
+        "",
+        f"Dataset **{d['name']}** ({d['train_samples']:,} training / {d['test_samples']:,} test "
+        f"samples); MLP {s['architecture']['in_features']} -> "
+        f"{' -> '.join(map(str, s['architecture']['hidden']))} -> "
+        f"{s['architecture']['num_classes']}, Adam lr {s['lr']}, batch {s['batch_size']}, "
+        f"{s['epochs']} epochs, seed {s['seed']}, {s['threads']} CPU threads"
+        + (" — **quick run** (subset and fewer epochs: a first look, not the study's numbers)"
+           if s["quick"] else "") + ".",
+        "",
+        f"Uncompressed baseline: **{_pct(base['accuracy'])}** test accuracy, "
+        f"{base['params']:,} parameters.",
+        "",
+        "## Plain truncation: every layer but the last at rank D",
+        "",
+        headline_table(results),
+        "",
+        "![accuracy vs rank](accuracy_vs_rank.png)",
+        "",
+        "![accuracy vs parameters](accuracy_vs_params.png)",
+        "",
+        "## Claims of the study, checked on this run",
+        "",
+        "| claim | this run | evidence |",
+        "|---|---|---|",
+    ]
+    for c in results["claims"]:
+        verdict = "supported" if c["supported"] else "**not supported**"
+        parts.append(f"| {c['claim']} | {verdict} | {c['evidence']} |")
+    parts += ["", "## Spectra and training curves", "", "![spectra](spectra.png)", "",
+              "![training curves](training_curves.png)", "", "## Timings (seconds)", "",
+              "| phase | seconds |", "|---|---:|"]
+    parts += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
+    parts += ["", "Every number above comes from `results.json` in this folder, written by "
+              "`svdcompress reproduce`; rerun it to check them."]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(results: dict, out: str | Path) -> Path:
+    out = Path(out)
+    os.makedirs(out, exist_ok=True)
+    for name, draw in FIGURES.items():
+        draw(results, out / name)
+    text = markdown(results)
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    return out / "report.md"

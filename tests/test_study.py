@@ -1,0 +1,87 @@
+"""The study's CLI end to end on a tiny generated dataset (2 hidden layers of 32)."""
+
+import json
+
+import pytest
+
+from svdcompress.cli import main
+from tests.test_data import make_mnist_dir
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return str(make_mnist_dir(tmp_path / "data", n_train=400, n_test=100))
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY = ["--width", "32", "--depth", "2", "--quiet", "--batch-size", "32", "--device", "cpu"]
+
+
+def test_train_sweep_compress_finetune_eval(tmp_path, data_dir, capsys):
+    base, d4, ft = tmp_path / "base", tmp_path / "d4", tmp_path / "d4-ft"
+    code, out, err = cli(capsys, "train", "--data", data_dir, "--epochs", 3, "--lr", "3e-3",
+                         "--out", base, *TINY)
+    assert code == 0, err
+    assert {p.name for p in base.iterdir()} >= {"model.safetensors", "svdcompress.json", "checkpoint.safetensors"}
+
+    code, out, err = cli(capsys, "sweep", base, "--ranks", "2,4,full")
+    assert code == 0, err
+    rows = json.loads((base / "results.json").read_text())["sweep"]
+    assert [r["rank"] for r in rows] == [2, 4, "full"]
+    assert rows[0]["params"] < rows[1]["params"] < rows[2]["params"]
+    assert all({"accuracy", "params", "bytes", "compression"} <= set(r) for r in rows)
+
+    code, out, err = cli(capsys, "compress", base, "--rank", 4, "--out", d4)
+    assert code == 0, err and "output layer" in out
+    code, out, err = cli(capsys, "eval", d4)
+    assert code == 0 and f"{rows[1]['accuracy']:.4f}" in out  # same number as the sweep's D=4
+
+    code, out, err = cli(capsys, "finetune", d4, "--epochs", 2, "--out", ft, "--quiet", "--device", "cpu")
+    assert code == 0, err
+    meta = json.loads((ft / "svdcompress.json").read_text())
+    assert meta["config"]["rank"] == 4 and len(meta["history"]) == 2
+    assert [e["rank"] for e in meta["layers"]] == [4, 4]
+
+    code, out, err = cli(capsys, "compress", base, "--energy", "0.9", "--out", tmp_path / "e90")
+    assert code == 0, err
+
+
+def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
+    out_dir = tmp_path / "report"
+    code, out, err = cli(capsys, "reproduce", "--data", data_dir, "--out", out_dir, "--epochs", 2,
+                         "--ranks", "2,4,8,full", "--ft-rank", 4, "--ft-epochs", 1, *TINY[:4], "--quiet")
+    assert code == 0, err
+    for name in ("report.md", "results.json", "accuracy_vs_rank.png", "accuracy_vs_params.png",
+                 "spectra.png", "training_curves.png"):
+        assert (out_dir / name).stat().st_size > 0, name
+    results = json.loads((out_dir / "results.json").read_text())
+    report = (out_dir / "report.md").read_text()
+    for row in results["sweep"]:  # the report's numbers are this run's numbers
+        assert f"{100 * row['accuracy']:.2f}%" in report
+    assert len(results["claims"]) >= 2 and "supported" in report
+    assert (out_dir / "runs" / "base" / "svdcompress.json").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "{base}", "--rank", "0", "--out", "{tmp}/x"], "positive integer"),
+    (["compress", "{base}", "--rank", "5000", "--out", "{tmp}/x"], "above every target layer"),
+    (["compress", "{tmp}/missing", "--rank", "4", "--out", "{tmp}/x"], "not found"),
+    (["sweep", "{base}", "--ranks", "4,zero"], "positive integer"),
+    (["eval", "{tmp}/missing"], "not found"),
+    (["train", "--data", "{tmp}/nodata", "--out", "{tmp}/y", "--quiet"], "not found"),
+    (["train", "--data", "{data}", "--out", "{base}", "--resume", "--epochs", "2", "--quiet",
+      "--width", "32", "--depth", "2", "--batch-size", "32"], "corrupt checkpoint"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, data_dir, capsys, argv, message):
+    base = tmp_path / "base"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 1, "--out", base, *TINY)[0] == 0
+    (base / "checkpoint.safetensors").write_bytes(b"garbage")
+    argv = [a.format(base=base, tmp=tmp_path, data=data_dir) for a in argv]
+    code, out, err = cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x").exists()

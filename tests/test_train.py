@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+import svdcompress as sc
+from svdcompress.data import load_dataset
+from svdcompress.io import FormatError
+from svdcompress.train import CHECKPOINT, TrainConfig, evaluate, train
+from tests.test_data import make_mnist_dir
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return load_dataset(str(make_mnist_dir(tmp_path / "data")))
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    return sc.MLP(64, [32, 32], 10)
+
+
+def test_training_learns_and_is_deterministic(tiny):
+    cfg = TrainConfig(epochs=3, lr=3e-3, batch_size=32, device="cpu")
+    a, b = fresh(), fresh()
+    ha = train(a, tiny, cfg, progress=False)
+    hb = train(b, tiny, cfg, progress=False)
+    assert ha[-1]["test_accuracy"] > 0.5
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_resume_ends_with_same_weights(tiny, tmp_path):
+    full_cfg = TrainConfig(epochs=4, lr=3e-3, batch_size=32, device="cpu")
+    straight = fresh()
+    train(straight, tiny, full_cfg, progress=False)
+
+    interrupted = fresh()
+    train(interrupted, tiny, TrainConfig(epochs=2, lr=3e-3, batch_size=32, device="cpu"),
+          checkpoint_dir=tmp_path / "ck", progress=False)
+    resumed = fresh(seed=99)  # a different init: everything must come from the checkpoint
+    history = train(resumed, tiny, full_cfg, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_resume_with_other_settings_or_corrupt_checkpoint(tiny, tmp_path):
+    cfg = TrainConfig(epochs=1, lr=3e-3, batch_size=32, device="cpu")
+    train(fresh(), tiny, cfg, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr=0.003"):
+        train(fresh(), tiny, TrainConfig(epochs=2, lr=1e-3, batch_size=32, device="cpu"),
+              checkpoint_dir=tmp_path, resume=True, progress=False)
+    (tmp_path / CHECKPOINT).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad")
+    with pytest.raises(FormatError, match="corrupt checkpoint"):
+        train(fresh(), tiny, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_evaluate_restores_mode(tiny):
+    m = fresh().train()
+    r = evaluate(m, tiny.x_test, tiny.y_test)
+    assert m.training and 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+
+
+@pytest.mark.parametrize("kw,field", [({"epochs": -1}, "epochs"), ({"lr": 0}, "lr"),
+                                      ({"batch_size": 0}, "batch_size"), ({"device": "tpu"}, "device")])
+def test_train_config_validation(kw, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**kw)
