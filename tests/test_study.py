@@ -85,3 +85,35 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, data_dir, capsys, argv, me
     code, out, err = cli(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_dynamic_training_from_a_run(tmp_path, data_dir, capsys):
+    base, dyn = tmp_path / "base", tmp_path / "dyn4"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 2, "--lr", "3e-3", "--out", base, *TINY)[0] == 0
+    code, out, err = cli(capsys, "train", "--init", base, "--project-rank", 4, "--lr", "1e-3",
+                         "--epochs", 2, "--out", dyn, "--quiet", "--device", "cpu", "--batch-size", "32")
+    assert code == 0, err
+    meta = json.loads((dyn / "svdcompress.json").read_text())
+    assert [(e["kind"], e["rank"]) for e in meta["layers"]] == [("linear", 4), ("linear", 4)]
+    assert meta["projection"]["method"] == "subspace" and len(meta["history"]) == 2
+    code, out, err = cli(capsys, "eval", dyn)
+    assert code == 0 and f"{meta['metrics']['accuracy']:.4f}" in out
+    # resuming the finished run from its checkpoint is a no-op that gives the same factors
+    code, out, err = cli(capsys, "train", "--init", base, "--project-rank", 4, "--lr", "1e-3",
+                         "--epochs", 2, "--out", dyn, "--quiet", "--resume", "--batch-size", "32")
+    assert code == 0, err
+    assert json.loads((dyn / "svdcompress.json").read_text())["metrics"] == meta["metrics"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--out", "{tmp}/x", "--project-rank", "4"], "needs --init"),
+    (["train", "--out", "{tmp}/x"], "--data"),
+    (["train", "--init", "{base}", "--project-rank", "0", "--out", "{tmp}/x"], "positive integer"),
+    (["train", "--init", "{base}", "--project-rank", "999", "--out", "{tmp}/x"], "above every target layer"),
+])
+def test_dynamic_bad_arguments(tmp_path, data_dir, capsys, argv, message):
+    base = tmp_path / "base"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 1, "--out", base, *TINY)[0] == 0
+    code, out, err = cli(capsys, *[a.format(base=base, tmp=tmp_path) for a in argv])
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x").exists()

@@ -96,12 +96,50 @@ def cmd_train(args) -> None:
     from .data import load_dataset
     from .experiments import train_baseline
 
-    data = load_dataset(args.data, limit_train=args.limit_train)
-    model, history = train_baseline(data, train_config(args), [args.width] * args.depth,
+    if args.init is None:
+        if args.project_rank is not None:
+            raise UsageError("--project-rank needs --init RUN (the network to start from)")
+        if args.data is None:
+            raise UsageError("the following arguments are required: --data (or --init RUN)")
+        data = load_dataset(args.data, limit_train=args.limit_train)
+        _, history = train_baseline(data, train_config(args), [args.width] * args.depth,
                                     out=args.out, resume=args.resume, progress=not args.quiet,
                                     limit_train=args.limit_train)
+    else:
+        history = train_from_run(args)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
+
+
+def train_from_run(args) -> list:
+    """Continue training a saved run; with --project-rank, as dynamic SVD training."""
+    from .config import SVDConfig
+    from .experiments import check_rank_fits, model_size, run_dataset
+    from .io import load, read_meta, save
+    from .swap import project_, unproject_
+    from .train import evaluate, train
+
+    meta = read_meta(args.init)
+    model = load(args.init)
+    data = run_dataset(meta, args.data)
+    cfg = train_config(args)
+    if args.project_rank is not None:
+        check_rank_fits(model, SVDConfig(rank=args.project_rank))
+        project_(model, args.project_rank, method=args.projection)
+    history = train(model, data, cfg, checkpoint_dir=args.out, resume=args.resume,
+                    progress=not args.quiet, desc="dynamic" if args.project_rank else "train")
+    model.cpu()
+    config = None
+    if args.project_rank is not None:
+        unproject_(model)  # the run holds the final rank-D factors; the checkpoint holds W
+        config = SVDConfig(rank=args.project_rank)
+    metrics = {**evaluate(model, data.x_test, data.y_test), **model_size(model)}
+    save(model, args.out, config=config,
+         extra={"data": meta.get("data"), "source": str(args.init), "history": history,
+                "train": cfg.__dict__, "metrics": metrics,
+                "projection": {"rank": args.project_rank, "method": args.projection}
+                if args.project_rank else None})
+    return history
 
 
 def cmd_sweep(args) -> None:
@@ -182,7 +220,7 @@ def cmd_reproduce(args) -> None:
                         ft_rank=args.ft_rank, ft_epochs=args.ft_epochs)
     print(f"wrote {args.out}/report.md and {args.out}/results.json")
     for c in results["claims"]:
-        print(f"  [{'supported' if c['supported'] else 'NOT supported'}] {c['claim']}: {c['evidence']}")
+        print(f"  [{c['verdict']}] {c['claim']}: {c['evidence']}")
 
 
 def add_train_args(s, epochs: int, lr: float) -> None:
@@ -204,8 +242,16 @@ def build_parser() -> Parser:
     s.add_argument("run", help="run directory (model.safetensors + svdcompress.json)")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("train", help="train the reference MLP (a baseline run directory)")
-    s.add_argument("--data", required=True, help="fashion-mnist, mnist-5k, or a directory of MNIST IDX files")
+    s = sub.add_parser("train", help="train the reference MLP, or continue a run "
+                       "(with --project-rank: dynamic SVD training)")
+    s.add_argument("--data", help="fashion-mnist, mnist-5k, or a directory of MNIST IDX files "
+                   "(default with --init: the run's)")
+    s.add_argument("--init", help="start from this run directory instead of a fresh network")
+    s.add_argument("--project-rank", type=positive_int, help="dynamic SVD training: every forward "
+                   "pass uses the rank-D projection of W, the gradient goes straight to W")
+    s.add_argument("--projection", choices=["subspace", "exact"], default="subspace",
+                   help="how P_D(W) is computed in training (default subspace: warm-started "
+                   "subspace iteration; exact: a full SVD each step)")
     s.add_argument("--out", required=True, help="run directory to write")
     s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
     s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import SVDConfig
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import LowRankConv2d, LowRankLinear, ProjectedLinear
 from .models import build_model
 from .swap import low_rank_modules, replace_module
 
@@ -77,6 +77,9 @@ def layer_entry(name: str, module: nn.Module) -> dict:
     if isinstance(module, LowRankLinear):
         entry.update(kind="linear", in_features=module.in_features,
                      out_features=module.out_features)
+    elif isinstance(module, ProjectedLinear):
+        entry.update(kind="projected", in_features=module.in_features,
+                     out_features=module.out_features, options=module.options())
     else:
         entry.update(kind="conv2d", in_channels=module.in_channels,
                      out_channels=module.out_channels, kernel_size=list(module.kernel_size),
@@ -97,12 +100,18 @@ def _empty_layer(entry: dict, current: nn.Module) -> nn.Module:
     """An empty low-rank layer of the entry's shape, checked against the model's module."""
     name, kind, rank = entry["name"], entry["kind"], _need(entry, "rank", int)
     kw = {"device": current.weight.device if hasattr(current, "weight") else None}
-    if kind == "linear":
+    if kind in ("linear", "projected"):
         n, m = _need(entry, "in_features", int), _need(entry, "out_features", int)
         if getattr(current, "in_features", None) != n or getattr(current, "out_features", None) != m:
             raise FormatError(f"layer {name!r}: saved as {m}x{n} but the model's module is "
                               f"{type(current).__name__} {_describe(current)}")
-        return LowRankLinear(n, m, rank, bias=_need(entry, "bias", bool), **kw)
+        if kind == "linear":
+            return LowRankLinear(n, m, rank, bias=_need(entry, "bias", bool), **kw)
+        try:
+            return ProjectedLinear(n, m, rank, bias=_need(entry, "bias", bool),
+                                   **_need(entry, "options", dict), **kw)
+        except (TypeError, ValueError) as err:
+            raise FormatError(f"layer {name!r}: invalid projection options: {err}") from None
     if kind == "conv2d":
         cin, cout = _need(entry, "in_channels", int), _need(entry, "out_channels", int)
         if getattr(current, "in_channels", None) != cin or getattr(current, "out_channels", None) != cout:

@@ -153,7 +153,7 @@ def markdown(results: dict) -> str:
         "|---|---|---|",
     ]
     for c in results["claims"]:
-        verdict = "supported" if c["supported"] else "**not supported**"
+        verdict = c["verdict"] if c["verdict"] == "supported" else f"**{c['verdict']}**"
         parts.append(f"| {c['claim']} | {verdict} | {c['evidence']} |")
     parts += ["", "## Spectra and training curves", "", "![spectra](spectra.png)", "",
               "![training curves](training_curves.png)", "", "## Timings (seconds)", "",

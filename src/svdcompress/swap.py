@@ -7,7 +7,7 @@ from typing import Iterator
 
 from torch import nn
 
-from .layers import LOW_RANK_TYPES
+from .layers import LOW_RANK_TYPES, ProjectedLinear
 
 DENSE_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -32,7 +32,7 @@ def candidate_modules(model: nn.Module, target_modules=None,
                       exclude_modules=None) -> Iterator[tuple[str, nn.Module]]:
     """Dense Linear/Conv2d sub-modules whose full name passes the include/exclude filters."""
     for name, module in model.named_modules():
-        if not name or not isinstance(module, DENSE_TYPES):
+        if not name or not isinstance(module, DENSE_TYPES) or isinstance(module, ProjectedLinear):
             continue  # the root itself cannot be replaced in place
         if target_modules is not None and not name_matches(name, target_modules):
             continue
@@ -51,11 +51,47 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def low_rank_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)]
+    """Every layer that svdcompress put in: low-rank (two factors) or projected."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LOW_RANK_TYPES + (ProjectedLinear,))]
 
 
 def densify_(model: nn.Module) -> nn.Module:
     """Undo compression in place: every low-rank layer becomes a dense one holding u @ v."""
-    for name, module in low_rank_modules(model):
-        replace_module(model, name, module.to_dense())
+    for name, module in model.named_modules():
+        if isinstance(module, LOW_RANK_TYPES):
+            replace_module(model, name, module.to_dense())
     return model
+
+
+def project_(model: nn.Module, rank: int, *, method: str = "subspace", target_modules=None,
+             exclude_modules=None, skip_output_layer: bool = True, **options) -> list[str]:
+    """Dynamic SVD training: target Linear layers become ProjectedLinear (in place).
+
+    Each keeps its own weight and bias Parameters (an existing optimiser stays valid); its
+    forward pass uses the rank-min(D, m, n) projection of W with a straight-through
+    gradient. ``options`` go to ProjectedLinear (oversample, max_iters, tol, refresh_every).
+    Returns the names of the projected layers.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    output = output_layer_name(model) if skip_output_layer else None
+    names = []
+    for name, module in list(candidate_modules(model, target_modules, exclude_modules)):
+        if name == output or not isinstance(module, nn.Linear):
+            continue
+        d = min(rank, module.in_features, module.out_features)
+        replace_module(model, name, ProjectedLinear.from_linear(module, d, method=method, **options))
+        names.append(name)
+    if not names:
+        raise ValueError("project_ found no Linear layer to project (check the module filters)")
+    return names
+
+
+def unproject_(model: nn.Module) -> list[str]:
+    """After dynamic training: each ProjectedLinear becomes a LowRankLinear holding the
+    exact rank-D factors of its final W (what its eval mode computed)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, ProjectedLinear)]
+    for name in names:
+        replace_module(model, name, model.get_submodule(name).to_low_rank())
+    return names
