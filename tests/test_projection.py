@@ -153,3 +153,30 @@ def test_rank_above_layer_size_and_bad_options():
     with pytest.raises(ValueError, match="max_iters"):
         ProjectedLinear(10, 8, 2, max_iters=0)
     assert sc.project_(sc.MLP(10, [8], 2), 50) == ["hidden.0"]  # clamped to the layer's size
+
+
+@pytest.mark.parametrize("opt_kwargs", [{}, {"fused": True}, {"foreach": True}])
+def test_training_follows_weight_under_every_optimiser_kernel(opt_kwargs):
+    """Fused optimisers update W in place without bumping its version: the training
+    projection must still follow W, and eval must not reuse a stale projection."""
+    torch.manual_seed(0)
+    model = sc.MLP(24, [20, 20], 3).double()
+    sc.project_(model, 4, max_iters=3, tol=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, **opt_kwargs)
+    x = torch.randn(16, 24, dtype=torch.float64)
+    model.eval()
+    stale = model(x)
+    model.train()
+    for _ in range(5):
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    layer = model.hidden[1]
+    u, v = layer.factors()  # a training step on the current W
+    assert projection_error(u, v, layer.weight, 4) < 1e-3
+    model.eval()
+    fresh = model(x)
+    assert not torch.allclose(fresh, stale)
+    ue, ve, _ = exact_factors(layer.weight, 4)
+    torch.testing.assert_close(layer.factors()[0] @ layer.factors()[1], (ue @ ve).to(torch.float64))

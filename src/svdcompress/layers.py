@@ -226,19 +226,33 @@ class ProjectedLinear(nn.Linear):
         return layer.train(linear.training)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, v) with P_D(W) = u @ v, recomputed only when W (or the mode) changed."""
-        key = (self.weight.data_ptr(), self.weight._version, self.training)
-        if key != self._cache_key:
+        """(u, v) with P_D(W) = u @ v.
+
+        In training every call is a tracker step: W changes between steps, and an in-place
+        update need not bump W's version counter (fused optimisers do not), so nothing is
+        reused. In eval mode the exact factors are cached until W is replaced or modified
+        in place, or the layer changes mode.
+        """
+        if self.training:
             with torch.no_grad():
-                if self.training and self.method == "subspace":
+                if self.method == "subspace":
                     u, v = self._track()
                 else:
+                    self.steps += 1
                     u, v, _ = exact_factors(self.weight, self.rank)
-                    if self.training:
-                        self.steps += 1
+            self._cache_key, self._cache = None, (u.to(self.weight.dtype), v.to(self.weight.dtype))
+            return self._cache
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key != self._cache_key:
+            with torch.no_grad():
+                u, v, _ = exact_factors(self.weight, self.rank)
             self._cache = (u.to(self.weight.dtype), v.to(self.weight.dtype))
             self._cache_key = key
         return self._cache
+
+    def train(self, mode: bool = True) -> "ProjectedLinear":
+        self._cache_key = None  # W may have changed without a version bump while training
+        return super().train(mode)
 
     def _track(self) -> tuple[torch.Tensor, torch.Tensor]:
         step = int(self.steps)
