@@ -117,3 +117,22 @@ def test_dynamic_bad_arguments(tmp_path, data_dir, capsys, argv, message):
     code, out, err = cli(capsys, *[a.format(base=base, tmp=tmp_path) for a in argv])
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_whitened_compress_and_side_by_side_sweep(tmp_path, data_dir, capsys):
+    base = tmp_path / "base"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 2, "--lr", "3e-3", "--out", base, *TINY)[0] == 0
+    code, out, err = cli(capsys, "sweep", base, "--ranks", "2,4,full", "--calib-batches", 2)
+    assert code == 0, err
+    assert "plain acc." in out and "whiten acc." in out
+    saved = json.loads((base / "results.json").read_text())
+    assert [r["method"] for r in saved["sweep_whiten"]] == ["whiten"] * 3
+    code, out, err = cli(capsys, "compress", base, "--ratio", "0.3", "--allocation", "global",
+                         "--method", "whiten", "--sequential", "--calib-batches", 2, "--out", tmp_path / "g")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "g" / "svdcompress.json").read_text())
+    assert meta["config"]["allocation"] == "global" and meta["config"]["method"] == "whiten"
+    kept = sum(e["rank"] * (e["in_features"] + e["out_features"]) for e in meta["layers"])
+    assert kept <= 0.3 * (64 * 32 + 32 * 32)
+    code, out, err = cli(capsys, "compress", base, "--rank", 2, "--allocation", "global", "--out", tmp_path / "h")
+    assert code == 2 and "needs ratio" in err

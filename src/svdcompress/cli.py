@@ -49,24 +49,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
+def _number(text: str, ok, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+        value = float("nan")  # fails every check below
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    return _number(text, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, lambda v: v > 0, "a positive number")
 
 
 def rank_list(text: str) -> list:
@@ -149,28 +147,37 @@ def cmd_sweep(args) -> None:
     meta = read_meta(args.run)
     base = load(args.run)
     data = run_dataset(meta, args.data)
-    rows = sweep(base, data, args.ranks, progress=False)
-    print(f"{'D':>5} {'accuracy':>9} {'parameters':>12} {'bytes':>12} {'smaller':>8}")
-    for r in rows:
-        print(f"{r['rank']:>5} {r['accuracy']:>9.4f} {r['params']:>12,} {r['bytes']:>12,} "
-              f"{r['compression']:>7.1f}x")
+    table = {m: sweep(base, data, args.ranks, progress=False, method=m,
+                      calib_batches=args.calib_batches) for m in args.methods}
+    first = table[args.methods[0]]
+    print(f"{'D':>5} " + " ".join(f"{m + ' acc.':>12}" for m in args.methods)
+          + f" {'parameters':>12} {'bytes':>12} {'smaller':>8}")
+    for i, r in enumerate(first):
+        accs = " ".join(f"{table[m][i]['accuracy']:>12.4f}" for m in args.methods)
+        print(f"{r['rank']:>5} {accs} {r['params']:>12,} {r['bytes']:>12,} {r['compression']:>7.1f}x")
     out = args.out or f"{args.run}/results.json"
-    write_json(out, {"run": str(args.run), "data": data.name, "sweep": rows})
+    write_json(out, {"run": str(args.run), "data": data.name, "sweep": table.get("plain", first),
+                     "sweep_whiten": table.get("whiten")})
     print(f"wrote {out}")
 
 
 def cmd_compress(args) -> None:
     from . import compress_, load, save
     from .config import SVDConfig
-    from .experiments import check_rank_fits, model_size
+    from .experiments import calibration_batches, check_rank_fits, model_size, run_dataset
     from .io import read_meta
 
     meta = read_meta(args.run)
     model = load(args.run)
     cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
-                    target_modules=args.target, exclude_modules=args.exclude)
+                    target_modules=args.target, exclude_modules=args.exclude,
+                    method=args.method, sequential=args.sequential, damping=args.damping,
+                    allocation=args.allocation)
     check_rank_fits(model, cfg)
-    report = compress_(model, cfg)
+    calib = None
+    if cfg.method == "whiten":
+        calib = calibration_batches(run_dataset(meta, args.data), args.calib_batches)
+    report = compress_(model, cfg, calib, progress=True)
     print(report)
     save(model, args.out, config=cfg, extra={"data": meta.get("data"), "source": str(args.run),
                                              "compression": report.to_dict(),
@@ -264,6 +271,10 @@ def build_parser() -> Parser:
     s.add_argument("--ranks", type=rank_list, default=[10, 20, 50, 100, 200, None],
                    help="comma-separated ranks, 'full' for the uncompressed run (default 10,20,50,100,200,full)")
     s.add_argument("--data", help="dataset (default: the run's)")
+    s.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=["plain", "whiten"],
+                   help="comma-separated: plain, whiten (default both, side by side)")
+    s.add_argument("--calib-batches", type=positive_int, default=16,
+                   help="training batches of 128 that calibrate whitening (default 16)")
     s.add_argument("--out", help="results JSON (default RUN/results.json)")
     s.set_defaults(func=cmd_sweep)
 
@@ -275,6 +286,17 @@ def build_parser() -> Parser:
     how.add_argument("--ratio", type=fraction, help="keep this fraction of each layer's parameters")
     s.add_argument("--target", type=suffixes_or_regex, help="regex or comma-separated name suffixes")
     s.add_argument("--exclude", type=suffixes_or_regex, help="regex or comma-separated name suffixes")
+    s.add_argument("--method", choices=["plain", "whiten"], default="plain",
+                   help="plain SVD, or data-aware SVD whitened by the layer inputs' statistics")
+    s.add_argument("--calib-batches", type=positive_int, default=16,
+                   help="training batches of 128 that calibrate whitening (default 16)")
+    s.add_argument("--sequential", action="store_true",
+                   help="calibrate each layer on the outputs of the compressed layers before it")
+    s.add_argument("--damping", type=float, default=1e-2,
+                   help="whitening damping, relative to the mean input energy (default 0.01)")
+    s.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
+                   help="global (with --ratio): per-layer ranks under one parameter budget")
+    s.add_argument("--data", help="dataset for calibration (default: the run's)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compress)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 from torch import nn
 
 from .config import SVDConfig
-from .factorize import SVD, split, svd
+from .calibrate import collect
+from .factorize import SVD, split, svd, whitened_svd
 from .layers import LowRankConv2d, LowRankLinear
-from .rank import choose_rank, factorized_params, saves_parameters, truncation_error
+from .rank import allocate_ranks, choose_rank, factorized_params, saves_parameters, truncation_error
 from .swap import candidate_modules, output_layer_name, replace_module
 
 
@@ -81,37 +83,72 @@ def _factorise(module: nn.Module, dec: SVD, rank: int) -> nn.Module:
     return new.train(module.training)
 
 
-def compress_(model: nn.Module, config: SVDConfig) -> CompressionReport:
+def _decompose(module: nn.Module, shape, gram, config: SVDConfig) -> SVD:
+    w = module.weight.reshape(shape)
+    return svd(w) if gram is None else whitened_svd(w, gram, config.damping)
+
+
+def _run_batch(model: nn.Module, batch) -> None:
+    """A calibration batch is a tensor, a tuple of positional inputs, or a dict of keywords."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None = None, *,
+              progress: bool = False) -> CompressionReport:
     """Factorise ``model``'s target Linear/Conv2d layers in place; report each layer.
 
     A layer stays dense (and the report says why) when it is the output layer and
     ``config.skip_output_layer`` is set, when it is a grouped convolution, or when its
     factorisation at the chosen rank would not save parameters (D * (m + n) >= m * n).
+    ``calibration`` (needed by method="whiten") is a re-iterable of model inputs: tensors,
+    tuples of positional inputs, or dicts of keyword inputs. With whitening, the report's
+    rel_error is the relative output error on the calibration inputs.
     """
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
+    whiten = config.method == "whiten"
+    if whiten and calibration is None:
+        raise ValueError("method='whiten' needs calibration batches")
     output = output_layer_name(model) if config.skip_output_layer else None
     report = CompressionReport()
-    targets = list(candidate_modules(model, config.target_modules, config.exclude_modules))
-    for name, module in targets:
+    eligible = []
+    for name, module in list(candidate_modules(model, config.target_modules, config.exclude_modules)):
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         if name == output:
             report.layers.append(_dense_report(name, module, kind, "output layer"))
-            continue
-        if kind == "conv2d" and module.groups != 1:
+        elif kind == "conv2d" and module.groups != 1:
             report.layers.append(_dense_report(name, module, kind, "grouped conv"))
-            continue
-        shape = _matrix_shape(module)
-        dec = svd(module.weight.reshape(shape))
-        rank = choose_rank(dec.S, config.spec, shape)
-        if not saves_parameters(rank, shape):
-            note = f"rank {rank} saves no parameters"
+        else:
+            eligible.append((name, module, kind, _matrix_shape(module)))
+    grams = {}
+    if whiten:
+        grams = collect(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch, progress)
+    decs = {n: _decompose(m, shape, grams.get(n), config) for n, m, _, shape in eligible}
+    if config.allocation == "global":
+        budget = int(config.ratio * sum(shape[0] * shape[1] for _, _, _, shape in eligible))
+        ranks = allocate_ranks({n: (decs[n].S, shape) for n, _, _, shape in eligible}, budget)
+    else:
+        ranks = {n: choose_rank(decs[n].S, config.spec, shape) for n, _, _, shape in eligible}
+    for name, module, kind, shape in eligible:
+        rank = ranks[name]
+        if rank is None or not saves_parameters(rank, shape):
+            note = "dense by allocation" if rank is None else f"rank {rank} saves no parameters"
             report.layers.append(_dense_report(name, module, kind, note))
             continue
-        new = _factorise(module, dec, rank)
-        replace_module(model, name, new)
+        dec = decs[name]
+        if config.sequential:  # re-calibrate on the outputs of the layers compressed so far
+            gram = collect(model, {name: module}, calibration, _run_batch, stop_after=name)[name]
+            dec = _decompose(module, shape, gram, config)
+        replace_module(model, name, _factorise(module, dec, rank))
         bias = 0 if module.bias is None else module.bias.numel()
         report.layers.append(LayerReport(
             name, kind, shape, rank, module.weight.numel() + bias,
             factorized_params(rank, shape) + bias, truncation_error(dec.S, rank)))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    report.layers.sort(key=lambda r: order.get(r.name, -1))
     return report

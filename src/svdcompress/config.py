@@ -35,6 +35,14 @@ class SVDConfig:
     target_modules / exclude_modules: a regex (fullmatch on the full module name) or a list
         of name suffixes; by default every Linear and Conv2d is a target.
     skip_output_layer: leave the network's last Linear/Conv2d (its classifier) dense.
+    method: "plain" (truncated SVD of W) or "whiten" (data-aware: the SVD of W L with
+        L L^T = E[x x^T] of the layer's calibration inputs; needs calibration batches).
+    damping: added to E[x x^T] as damping * mean(diag) * I before whitening.
+    sequential: calibrate each layer on the outputs of the already-compressed layers
+        before it (whiten only), so errors do not compound.
+    allocation: "uniform" (the spec applies to each layer) or "global" (with ``ratio``:
+        per-layer ranks keeping at most ratio of all target layers' weight parameters while
+        the summed relative truncation error is smallest).
     """
 
     rank: int | None = None
@@ -43,6 +51,10 @@ class SVDConfig:
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
     skip_output_layer: bool = True
+    method: str = "plain"
+    damping: float = 1e-2
+    sequential: bool = False
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -52,8 +64,20 @@ class SVDConfig:
         self.spec  # validates the value, naming the field
         for name in ("target_modules", "exclude_modules"):
             object.__setattr__(self, name, _normalise_pattern(name, getattr(self, name)))
-        if not isinstance(self.skip_output_layer, bool):
-            raise ValueError(f"skip_output_layer must be a bool, got {self.skip_output_layer!r}")
+        for name in ("skip_output_layer", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.method not in ("plain", "whiten"):
+            raise ValueError(f"method must be 'plain' or 'whiten', got {self.method!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) \
+                or not self.damping >= 0:
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+        if self.allocation == "global" and self.ratio is None:
+            raise ValueError("allocation='global' needs ratio (the share of parameters to keep)")
+        if self.sequential and self.method != "whiten":
+            raise ValueError("sequential calibration needs method='whiten'")
 
     @property
     def spec(self) -> RankSpec:

@@ -73,21 +73,33 @@ def run_extra(data: Dataset, cfg: TrainConfig, history: list, model: nn.Module,
             "train": {**cfg.__dict__}, "history": history, "metrics": {**metrics, **model_size(model)}}
 
 
-def sweep(base: nn.Module, data: Dataset, ranks=STUDY_RANKS, progress=True) -> list[dict]:
+def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int = 0) -> list:
+    """``n`` random batches of the training split (never the test split) for whitening."""
+    if n < 1:
+        raise ValueError(f"calibration batches must be >= 1, got {n}")
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    return [data.x_train[order[i:i + batch_size]]
+            for i in range(0, min(n * batch_size, len(order)), batch_size)]
+
+
+def sweep(base: nn.Module, data: Dataset, ranks=STUDY_RANKS, progress=True,
+          method: str = "plain", calib_batches: int = 16, sequential: bool = False) -> list[dict]:
     """Accuracy and size of the base network truncated at each rank (None: uncompressed)."""
     base = base.cpu()
     dense = model_size(base)
+    calib = calibration_batches(data, calib_batches) if method == "whiten" else None
     rows = []
     for rank in ranks:
         model = copy.deepcopy(base)
         if rank is not None:
-            compress_(model, SVDConfig(rank=rank))
+            compress_(model, SVDConfig(rank=rank, method=method, sequential=sequential), calib)
         row = {"rank": rank if rank is not None else "full", **evaluate(model, data.x_test, data.y_test),
                **model_size(model)}
         row["compression"] = dense["params"] / row["params"]
+        row["method"] = method
         rows.append(row)
         if progress:
-            print(f"  D={row['rank']:>4}: accuracy {row['accuracy']:.4f}, "
+            print(f"  {method} D={row['rank']:>4}: accuracy {row['accuracy']:.4f}, "
                   f"{row['params']:,} parameters ({row['compression']:.1f}x smaller)")
     return rows
 
@@ -99,15 +111,35 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
 
 
 def finetune_factors(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig,
-                     progress=True) -> dict:
+                     progress=True, method: str = "plain", calib=None) -> dict:
     """Compress ``base`` at ``rank`` and fine-tune the factors (the study's second experiment)."""
     model = copy.deepcopy(base).cpu()
-    compress_(model, SVDConfig(rank=rank))
+    compress_(model, SVDConfig(rank=rank, method=method), calib)
+    start = evaluate(model, data.x_test, data.y_test)["accuracy"]
     t0 = time.perf_counter()
-    history = train(model, data, cfg, progress=progress, desc=f"finetune D={rank} seed {cfg.seed}")
-    return {"seed": cfg.seed, "history": history, "accuracy": history[-1]["test_accuracy"]
-            if history else evaluate(model, data.x_test, data.y_test)["accuracy"],
+    history = train(model, data, cfg, progress=progress,
+                    desc=f"finetune {method} D={rank} seed {cfg.seed}")
+    return {"seed": cfg.seed, "method": method, "start_accuracy": start, "history": history,
+            "accuracy": history[-1]["test_accuracy"] if history else start,
             "seconds": time.perf_counter() - t0, "model": model}
+
+
+def global_vs_uniform(base: nn.Module, data: Dataset, rank: int, calib) -> list[dict]:
+    """Uniform rank D against global allocation of the same parameters, plain and whitened."""
+    rows = []
+    for method in ("plain", "whiten"):
+        uniform = copy.deepcopy(base).cpu()
+        rep_u = compress_(uniform, SVDConfig(rank=rank, method=method), calib)
+        layers = [r for r in rep_u.layers if r.note not in ("output layer", "grouped conv")]
+        weights = sum(r.shape[0] * r.shape[1] for r in layers)
+        kept = sum(r.rank * sum(r.shape) if r.rank else r.shape[0] * r.shape[1] for r in layers)
+        glob = copy.deepcopy(base).cpu()  # the same share of weights, placed where it helps most
+        rep_g = compress_(glob, SVDConfig(ratio=kept / weights, method=method, allocation="global"), calib)
+        for name, model, rep in (("uniform", uniform, rep_u), ("global", glob, rep_g)):
+            rows.append({"method": method, "allocation": name, "weight_ratio": kept / weights,
+                         **evaluate(model, data.x_test, data.y_test), **model_size(model),
+                         "ranks": {r.name: r.rank for r in rep.layers if r.note != "output layer"}})
+    return rows
 
 
 def dynamic_training(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig,
@@ -133,7 +165,8 @@ CLOSE = 0.005  # a comparison closer than 0.5 points is repeated over more seeds
 
 def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-3,
               ft_rank=20, ft_epochs=5, ft_lr=1e-4, seed=0, ranks=STUDY_RANKS,
-              hidden=(1024,) * 5, dynamic=True, device="auto", progress=True) -> dict:
+              hidden=(1024,) * 5, dynamic=True, calib_batches=16, device="auto",
+              progress=True) -> dict:
     """The whole study into ``out``: results.json, report.md and figures; runs under out/runs."""
     from .report import write_report
 
@@ -156,6 +189,12 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
     t0 = time.perf_counter()
     rows = sweep(base, data, ranks, progress=progress)
     timings["sweep"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calib = calibration_batches(data, calib_batches, seed=seed)
+    rows_w = sweep(base, data, ranks, progress=progress, method="whiten",
+                   calib_batches=calib_batches)
+    allocation = global_vs_uniform(base, data, ft_rank, calib)
+    timings["sweep_whiten_and_allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     seeds = [seed]
@@ -164,6 +203,9 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
         return TrainConfig(epochs=ft_epochs, lr=ft_lr, seed=s, device=device)
 
     ft_runs = [finetune_factors(base, data, ft_rank, ft_cfg(seed), progress=progress)]
+    ft_whiten = finetune_factors(base, data, ft_rank, ft_cfg(seed), progress=progress,
+                                 method="whiten", calib=calib)
+    ft_whiten.pop("model")
     dyn_runs = []
     if dynamic:
         dyn_runs.append(dynamic_training(base, data, ft_rank, ft_cfg(seed), progress=progress))
@@ -191,7 +233,11 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
         "baseline": {"history": history, **evaluate(base, data.x_test, data.y_test),
                      **model_size(base)},
         "sweep": rows,
+        "sweep_whiten": rows_w,
+        "allocation": allocation,
+        "calib_batches": calib_batches,
         "finetune": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": ft_runs},
+        "finetune_whiten": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": [ft_whiten]},
         "dynamic": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": dyn_runs,
                     "method": "subspace"} if dynamic else None,
         "seeds": seeds,

@@ -1,8 +1,14 @@
-"""Truncated SVD of one weight matrix into the two factors of a low-rank layer."""
+"""Truncated SVD of one weight matrix into the two factors of a low-rank layer.
+
+Plain SVD minimises ||W - W_D||_F. The whitened SVD minimises the output error on the
+inputs the layer sees, ||(W - W_D) X||_F: with E[x x^T] + damping = L L^T, take the SVD of
+W L, truncate it, and undo L on the input factor (the idea behind SVD-LLM).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -14,6 +20,9 @@ class SVD:
     U: torch.Tensor  # (m, k)
     S: torch.Tensor  # (k,) descending
     Vh: torch.Tensor  # (k, n)
+    # For a whitened SVD (of W L): maps an input factor B (D x n) in whitened coordinates
+    # back to the layer's inputs, B -> B L^{-1}. None for a plain SVD.
+    unwhiten: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,11 +53,46 @@ def split(dec: SVD, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 1 <= rank <= dec.S.numel():
         raise ValueError(f"rank must be in [1, {dec.S.numel()}], got {rank}")
     u = dec.U[:, :rank].contiguous()
-    v = (dec.S[:rank, None] * dec.Vh[:rank]).contiguous()
-    return u, v
+    v = dec.S[:rank, None] * dec.Vh[:rank]
+    if dec.unwhiten is not None:
+        v = dec.unwhiten(v)
+    return u, v.contiguous()
 
 
 def truncated_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shortcut: factors (u, v) of ``weight``'s best rank-D approximation, in its dtype."""
     u, v = split(svd(weight), rank)
     return u.to(weight.dtype), v.to(weight.dtype)
+
+
+@torch.no_grad()
+def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2) -> SVD:
+    """SVD of W L where L L^T = E[x x^T] + damping * mean(diag) * I, in float64.
+
+    Its singular values measure output error on the calibration inputs, so truncating it
+    gives the rank-D weight with the smallest such error. When Cholesky fails (a singular
+    or indefinite matrix despite damping), an eigendecomposition is used instead, with
+    directions of zero input energy dropped (a pseudo-inverse).
+    """
+    w = weight.detach().to(torch.float64)
+    c = second_moment.to(device=w.device, dtype=torch.float64)
+    n = c.shape[0]
+    if c.shape != (n, n) or w.shape[1] != n:
+        raise ValueError(f"second-moment matrix {tuple(c.shape)} does not match weight {tuple(w.shape)}")
+    scale = float(torch.diagonal(c).mean())
+    if not scale > 0:  # no input energy at all: whitening is meaningless, the plain SVD is exact
+        return svd(weight.to(torch.float64))
+    c = c + damping * scale * torch.eye(n, dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0:
+        U, S, Vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        # B L^{-1} = (L^{-T} B^T)^T: one triangular solve
+        unwhiten = lambda b: torch.linalg.solve_triangular(chol.T, b.T, upper=True).T  # noqa: E731
+        return SVD(U, S, Vh, unwhiten)
+    evals, evecs = torch.linalg.eigh(c)
+    keep = evals > evals.max() * n * torch.finfo(torch.float64).eps
+    root = evals[keep].sqrt()
+    basis = evecs[:, keep]  # L = basis diag(root), L^+ = diag(1/root) basis^T
+    U, S, Vh = torch.linalg.svd(w @ (basis * root), full_matrices=False)
+    unwhiten = lambda b: (b / root) @ basis.T  # noqa: E731
+    return SVD(U, S, Vh, unwhiten)

@@ -22,6 +22,14 @@ def _check_rank(rank: int) -> None:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
 
 
+def _fill(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
 def _init_factors(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
     # Same scheme as nn.Linear for each factor; loaded or SVD-initialised layers overwrite it.
     nn.init.kaiming_uniform_(v, a=math.sqrt(5))
@@ -75,10 +83,7 @@ class LowRankLinear(nn.Module):
     def to_dense(self) -> nn.Linear:
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.u.device, dtype=self.u.dtype)
-        dense.weight.copy_(self.weight())
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense
+        return _fill(dense, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -161,10 +166,7 @@ class LowRankConv2d(nn.Module):
                           stride=self.stride, padding=self.padding, dilation=self.dilation,
                           bias=self.bias is not None, padding_mode=self.padding_mode,
                           device=self.u.device, dtype=self.u.dtype)
-        dense.weight.copy_(self.weight())
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense
+        return _fill(dense, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

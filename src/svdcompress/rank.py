@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KINDS = ("rank", "energy", "ratio")
@@ -91,3 +92,57 @@ def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
     if total == 0.0:
         return 0.0
     return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)
+
+
+def allocate_ranks(layers: dict[str, tuple[torch.Tensor, tuple[int, int]]], budget: int,
+                   max_units: int = 2_000_000) -> dict[str, int | None]:
+    """Per-layer ranks under a global parameter budget (None: the layer stays dense).
+
+    ``layers`` maps a name to (singular values, matrix shape). The choice minimises the sum
+    over layers of the relative squared truncation error (sum_{i>D} s_i^2 / sum s_i^2) while
+    the weight parameters kept, sum of D (m + n) or m n for a dense layer, stay within
+    ``budget``. Solved exactly by dynamic programming over the budget in units of the
+    costs' greatest common divisor; when that would need more than ``max_units`` units the
+    costs are rounded up to a coarser unit, which keeps the budget and may leave a sliver
+    of it unused.
+    """
+    choices = {}  # name -> list of (cost, error, rank or None)
+    for name, (s, (m, n)) in layers.items():
+        energy = s.double().square()
+        total = float(energy.sum())
+        tail = (total - torch.cumsum(energy, 0)).clamp_min(0) / total if total > 0 else torch.zeros_like(energy)
+        opts = [(d * (m + n), float(tail[d - 1]), d) for d in range(1, min(m, n) + 1)
+                if saves_parameters(d, (m, n))]
+        choices[name] = opts + [(m * n, 0.0, None)]
+    least = sum(min(c for c, _, _ in opts) for opts in choices.values())
+    if budget < least:
+        raise ValueError(f"ratio too small: even rank 1 in every layer keeps {least:,} "
+                         f"parameters, above the budget of {budget:,}")
+    costs = [c for opts in choices.values() for c, _, _ in opts]
+    unit = math.gcd(*costs)
+    if budget // unit > max_units:
+        unit = math.ceil(budget / max_units)
+    size = budget // unit + 1
+    inf = float("inf")
+    best = np.zeros(size)  # best[b]: least total error with at most b units spent so far
+    picks = []
+    for name, opts in choices.items():
+        new = np.full(size, inf)
+        pick = np.zeros(size, dtype=np.int32)
+        for i, (cost, err, _) in enumerate(opts):
+            k = -(-cost // unit)  # round up: never exceed the budget
+            if k >= size:
+                continue
+            cand = best[:size - k] + err
+            better = cand < new[k:]
+            new[k:][better] = cand[better]
+            pick[k:][better] = i
+        best = new
+        picks.append((name, opts, pick))
+    b = int(np.argmin(best))
+    out = {}
+    for name, opts, pick in reversed(picks):
+        cost, _, rank = opts[pick[b]]
+        out[name] = rank
+        b -= -(-cost // unit)
+    return dict(reversed(list(out.items())))

@@ -122,6 +122,30 @@ def headline_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def whitening_section(results: dict) -> list[str]:
+    white = results.get("sweep_whiten")
+    if not white:
+        return []
+    lines = ["## Data-aware (whitened) truncation, no fine-tuning", "",
+             f"Each layer's SVD is taken of W L, with L L^T the second moment of its inputs over "
+             f"{results.get('calib_batches', '?')} training batches of 128 (damping 0.01 of the mean "
+             "diagonal), so truncation minimises the error of the layer's outputs rather than of its "
+             "weights.", "", "| D | plain | whitened | parameters |", "|---|---:|---:|---:|"]
+    for p, w in zip(results["sweep"], white):
+        lines.append(f"| {p['rank']} | {_pct(p['accuracy'])} | {_pct(w['accuracy'])} | {p['params']:,} |")
+    alloc = results.get("allocation") or []
+    if alloc:
+        lines += ["", f"Uniform rank {results['finetune']['rank']} against a global allocation of the "
+                  "same weight parameters (ranks chosen per layer to minimise the summed relative "
+                  "truncation error):", "", "| method | allocation | accuracy | parameters | ranks |",
+                  "|---|---|---:|---:|---|"]
+        for r in alloc:
+            ranks = ", ".join(str(v) for v in r["ranks"].values())
+            lines.append(f"| {r['method']} | {r['allocation']} | {_pct(r['accuracy'])} | "
+                         f"{r['params']:,} | {ranks} |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     s, d = results["settings"], results["data"]
     base = results["baseline"]
@@ -147,6 +171,7 @@ def markdown(results: dict) -> str:
         "",
         "![accuracy vs parameters](accuracy_vs_params.png)",
         "",
+        *whitening_section(results),
         "## Claims of the study, checked on this run",
         "",
         "| claim | this run | evidence |",

@@ -1,0 +1,90 @@
+"""Layer-input statistics for data-aware (whitened) SVD, collected with forward hooks.
+
+For each target layer, the second-moment matrix E[x x^T] of the inputs it really sees,
+accumulated in float64 while streaming calibration batches: memory O(in^2) per layer.
+Conv2d inputs are unfolded into the (in * kh * kw) patches the weight matrix multiplies.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (nothing after the layer is needed)."""
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight matrix multiplies: (N, in) or (N, in * kh * kw)."""
+    if isinstance(module, nn.Conv2d):
+        # pad explicitly as the conv would (any padding mode, also padding="same")
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        cols = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class SecondMoments:
+    """Running sum of x x^T (float64) and the number of rows seen."""
+
+    def __init__(self, dim: int, device=None) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float64)
+        self.sum.addmm_(rows.T, rows)
+        self.count += rows.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration inputs reached this layer")
+        return self.sum / self.count
+
+
+@torch.no_grad()
+def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
+            forward: Callable | None = None, progress: bool = False,
+            stop_after: str | None = None) -> dict[str, torch.Tensor]:
+    """E[x x^T] of each named module's input over ``batches`` (model in eval mode).
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``). With
+    ``stop_after`` the forward pass ends right after that module (sequential calibration).
+    """
+    stats = {name: None for name in modules}
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            rows = layer_inputs(module, args[0])
+            if stats[name] is None:
+                stats[name] = SecondMoments(rows.shape[1], rows.device)
+            stats[name].add(rows)
+            if name == stop_after:
+                raise _Stop
+        return fn
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            try:
+                forward(model, batch) if forward is not None else model(batch)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n, s in stats.items() if s is None]
+    if missing:
+        raise ValueError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
+    return {name: s.mean() for name, s in stats.items()}

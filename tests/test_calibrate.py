@@ -1,0 +1,159 @@
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import svdcompress as sc
+from svdcompress.calibrate import collect, layer_inputs
+from svdcompress.factorize import split, svd, whitened_svd
+from svdcompress.rank import allocate_ranks, saves_parameters
+
+
+def output_error(w, u, v, x):
+    return float(torch.linalg.norm((w - u @ v) @ x.T))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_whitened_output_error_never_above_plain(seed):
+    g = torch.Generator().manual_seed(seed)
+    m, n = int(torch.randint(5, 30, (1,), generator=g)), int(torch.randint(5, 30, (1,), generator=g))
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64)
+    x = torch.randn(200, n, generator=g, dtype=torch.float64) @ mix + torch.randn(n, generator=g, dtype=torch.float64)
+    gram = x.T @ x / len(x)
+    for d in range(1, min(m, n)):
+        for damping in (0.0, 1e-2):
+            ew = output_error(w, *split(whitened_svd(w, gram, damping), d), x)
+            ep = output_error(w, *split(svd(w), d), x)
+            assert ew <= ep * (1 + 1e-9), (d, damping)
+
+
+def test_white_inputs_give_plain_truncation():
+    w = torch.randn(12, 9, dtype=torch.float64)
+    for scale in (1.0, 7.5):
+        uw, vw = split(whitened_svd(w, scale * torch.eye(9, dtype=torch.float64), 0.3), 4)
+        up, vp = split(svd(w), 4)
+        torch.testing.assert_close(uw @ vw, up @ vp)
+
+
+def test_singular_second_moment_is_handled():
+    w = torch.randn(10, 8, dtype=torch.float64)
+    basis = torch.randn(3, 8, dtype=torch.float64)  # inputs live in a 3-dim subspace
+    x = torch.randn(100, 3, dtype=torch.float64) @ basis
+    gram = x.T @ x / 100
+    dec = whitened_svd(w, gram, damping=0.0)  # Cholesky fails: eigendecomposition path
+    u, v = split(dec, 3)
+    assert torch.isfinite(v).all()
+    # rank 3 reproduces every output on that subspace exactly
+    torch.testing.assert_close((u @ v) @ x.T, w @ x.T)
+    zero = whitened_svd(w, torch.zeros(8, 8, dtype=torch.float64))  # no input energy at all
+    assert torch.isfinite(split(zero, 2)[1]).all()
+
+
+def test_conv_layer_inputs_are_the_patches_its_weight_multiplies():
+    torch.manual_seed(0)
+    for kw in (dict(padding=1), dict(padding="same", padding_mode="reflect"), dict(stride=2, dilation=2)):
+        conv = nn.Conv2d(3, 5, 3, bias=False, **kw).double()
+        x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+        rows = layer_inputs(conv, x)
+        y = conv(x)
+        expect = y.permute(0, 2, 3, 1).reshape(-1, 5)
+        torch.testing.assert_close(rows @ conv.weight.reshape(5, -1).T, expect)
+
+
+def test_collect_streams_mean_second_moment():
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(lin)
+    batches = [torch.randn(10, 4) for _ in range(3)]
+    gram = collect(model, {"0": lin}, batches)["0"]
+    x = torch.cat(batches).double()
+    torch.testing.assert_close(gram, x.T @ x / 30)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        collect(model, {"0": lin}, [])
+
+
+def test_compress_whiten_on_toy_model_beats_plain_on_outputs(toy, toy_input):
+    import copy
+    batches = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    ref = toy(toy_input).detach()
+    errs = {}
+    for method, seq in (("plain", False), ("whiten", False), ("whiten", True)):
+        model = copy.deepcopy(toy)
+        report = sc.compress_(model, sc.SVDConfig(rank=2, method=method, sequential=seq), batches)
+        assert isinstance(model.block.conv, sc.LowRankConv2d) and isinstance(model.mlp[0], sc.LowRankLinear)
+        with torch.no_grad():
+            errs[(method, seq)] = float(torch.linalg.norm(model(toy_input) - ref))
+        assert all(0 <= r.rel_error <= 1 for r in report.compressed)
+    assert errs[("whiten", False)] < errs[("plain", False)]
+    with pytest.raises(ValueError, match="calibration"):
+        sc.compress_(copy.deepcopy(toy), sc.SVDConfig(rank=2, method="whiten"))
+
+
+def test_global_allocation_respects_budget_and_reports_ranks(toy):
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(4)]
+    report = sc.compress_(toy, sc.SVDConfig(ratio=0.3, allocation="global", method="whiten"), batches)
+    eligible = [r for r in report.layers if r.note not in ("output layer", "grouped conv")]
+    budget = 0.3 * sum(r.shape[0] * r.shape[1] for r in eligible)
+    kept = sum(r.rank * (r.shape[0] + r.shape[1]) if r.rank else r.shape[0] * r.shape[1] for r in eligible)
+    assert kept <= budget
+    assert report.compressed and all(str(r.rank) in str(report) for r in report.compressed)
+
+
+def brute_force(layers, budget):
+    names = list(layers)
+    options = []
+    for name in names:
+        s, (m, n) = layers[name]
+        e = s.double().square()
+        opts = [(d * (m + n), float(e[d:].sum() / e.sum()), d) for d in range(1, min(m, n) + 1)
+                if saves_parameters(d, (m, n))]
+        options.append(opts + [(m * n, 0.0, None)])
+    best = None
+    for combo in itertools.product(*options):
+        cost = sum(c for c, _, _ in combo)
+        if cost <= budget:
+            err = sum(e for _, e, _ in combo)
+            if best is None or err < best[0] - 1e-12:
+                best = (err, combo)
+    return best[0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_is_optimal_on_small_cases(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(int(torch.randint(3, 9, (1,), generator=g)), int(torch.randint(3, 9, (1,), generator=g)))
+              for _ in range(3)]
+    layers = {f"l{i}": (torch.linalg.svdvals(torch.randn(*shape, generator=g) *
+                                             torch.rand(shape[1], generator=g)), shape)
+              for i, shape in enumerate(shapes)}
+    total = sum(m * n for m, n in shapes)
+    for frac in (0.4, 0.6, 0.9):
+        budget = int(frac * total)
+        try:
+            ranks = allocate_ranks(layers, budget)
+        except ValueError:
+            continue
+        cost = sum(r * (m + n) if r else m * n for r, (_, (m, n)) in zip(ranks.values(), layers.values()))
+        assert cost <= budget
+        err = 0.0
+        for name, r in ranks.items():
+            s = layers[name][0].double().square()
+            err += 0.0 if r is None else float(s[r:].sum() / s.sum())
+        assert err <= brute_force(layers, budget) + 1e-9
+
+
+def test_allocation_budget_too_small():
+    layers = {"a": (torch.ones(4), (4, 4))}
+    with pytest.raises(ValueError, match="ratio too small"):
+        allocate_ranks(layers, 7)
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"rank": 2, "method": "svd"}, "method"), ({"rank": 2, "damping": -1}, "damping"),
+    ({"rank": 2, "allocation": "global"}, "needs ratio"), ({"rank": 2, "sequential": True}, "sequential"),
+    ({"ratio": 0.5, "allocation": "best"}, "allocation"),
+])
+def test_config_validation_of_new_fields(kw, field):
+    with pytest.raises(ValueError, match=field):
+        sc.SVDConfig(**kw)
