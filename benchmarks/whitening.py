@@ -23,8 +23,9 @@ import torch
 
 import svdcompress as sc
 from svdcompress.data import FASHION_DIR, load_dataset
-from svdcompress.experiments import (epochs_to, calibration_batches, finetune_factors,
-                                     global_vs_uniform, sweep, train_baseline)
+from svdcompress.claims import epochs_to
+from svdcompress.experiments import (calibration_batches, finetune_factors,
+                                     global_vs_uniform, train_baseline)
 from svdcompress.train import TrainConfig, evaluate
 
 RANKS = (10, 20, 50, 100, 200)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .claims import CLOSE, mean_accuracy
 from .compress import compress_
 from .config import SVDConfig
 from .data import Dataset, load_dataset
@@ -160,7 +161,6 @@ def dynamic_training(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig
 
 
 QUICK = {"limit_train": 10_000, "epochs": 3, "ft_epochs": 2}
-CLOSE = 0.005  # a comparison closer than 0.5 points is repeated over more seeds
 
 
 def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-3,
@@ -168,6 +168,7 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
               hidden=(1024,) * 5, dynamic=True, calib_batches=16, device="auto",
               progress=True) -> dict:
     """The whole study into ``out``: results.json, report.md and figures; runs under out/runs."""
+    from .claims import claims
     from .report import write_report
 
     out = Path(out)
@@ -209,7 +210,7 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
     dyn_runs = []
     if dynamic:
         dyn_runs.append(dynamic_training(base, data, ft_rank, ft_cfg(seed), progress=progress))
-        if abs(_mean(dyn_runs) - _mean(ft_runs)) < CLOSE:  # too close for one seed to tell
+        if abs(mean_accuracy(dyn_runs) - mean_accuracy(ft_runs)) < CLOSE:  # too close for one seed to tell
             seeds += [seed + 1, seed + 2]
             for s in seeds[1:]:
                 ft_runs.append(finetune_factors(base, data, ft_rank, ft_cfg(s), progress=progress))
@@ -249,57 +250,3 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
     write_json(out / "results.json", results)
     write_report(results, out)
     return results
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def _verdict(holds: bool) -> str:
-    return "supported" if holds else "not supported"
-
-
-def _mean(runs: list[dict]) -> float:
-    return sum(r["accuracy"] for r in runs) / len(runs)
-
-
-def claims(results: dict) -> list[dict]:
-    """Each claim of the study, whether this run supports it, and the numbers that say so."""
-    rows = [r for r in results["sweep"]]
-    acc = [r["accuracy"] for r in rows]
-    falls = all(a <= b + 0.003 for a, b in zip(acc, acc[1:])) and acc[0] < acc[-1]
-    out = [{"claim": "Accuracy falls as D falls (plain truncation, no fine-tuning)",
-            "verdict": _verdict(falls),
-            "evidence": ", ".join(f"D={r['rank']}: {_pct(r['accuracy'])}" for r in rows)}]
-    ft = results["finetune"]
-    trunc = next((r["accuracy"] for r in rows if r["rank"] == ft["rank"]), None)
-    if trunc is not None:
-        base = results["baseline"]["accuracy"]
-        ft_acc = _mean(ft["runs"])
-        recovered = (ft_acc - trunc) / max(1e-9, base - trunc)
-        out.append({"claim": f"Fine-tuning the factors recovers accuracy (D={ft['rank']})",
-                    "verdict": _verdict(ft_acc > trunc and recovered >= 0.5),
-                    "evidence": f"truncated {_pct(trunc)} -> fine-tuned {_pct(ft_acc)} after "
-                                f"{ft['epochs']} epochs (baseline {_pct(base)}; "
-                                f"{100 * recovered:.0f}% of the gap recovered)"})
-    dyn = results.get("dynamic")
-    if dyn:
-        d, f = _mean(dyn["runs"]), _mean(ft["runs"])
-        n = len(dyn["runs"])
-        diffs = [a["accuracy"] - b["accuracy"] for a, b in zip(dyn["runs"], ft["runs"])]
-        verdict = _verdict(d > f)
-        seeds = "one seed"
-        if n > 1:  # repeated because close: a verdict only outside two standard errors
-            mean = sum(diffs) / n
-            se = (sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) ** 0.5
-            if abs(mean) < 2 * se:
-                verdict = "inconclusive"
-            seeds = (f"mean of {n} seeds, repeated because one seed was within "
-                     f"{100 * CLOSE:.1f} points; difference {100 * mean:+.2f} ± {100 * se:.2f} points (1 s.e.)")
-        out.append({"claim": f"Dynamic SVD training gains more than fine-tuning the factors "
-                             f"(D={dyn['rank']}, {dyn['epochs']} epochs each)",
-                    "verdict": verdict,
-                    "evidence": f"dynamic {_pct(d)} vs fine-tuned {_pct(f)}, {seeds}; "
-                                "per seed: dynamic " + ", ".join(_pct(r["accuracy"]) for r in dyn["runs"])
-                                + "; fine-tuned " + ", ".join(_pct(r["accuracy"]) for r in ft["runs"])})
-    return out

@@ -212,8 +212,13 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
         if meta.get("architecture") is None:
             raise FormatError(f"{directory} holds no built-in architecture: pass the base "
                               "model, as load(directory, model=base)")
+        arch = meta["architecture"]
         try:
-            model = build_model(meta["architecture"])
+            if isinstance(arch, dict) and arch.get("name") == "hf-encoder":
+                from .hf import build_encoder
+                model = build_encoder(directory, arch)
+            else:
+                model = build_model(arch)
         except ValueError as err:
             raise FormatError(f"{directory / META}: {err}") from None
     for entry in meta["layers"]:
