@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import svdcompress as sc
+from svdcompress.io import write_json
 from svdcompress.data import FASHION_DIR, load_dataset
 from svdcompress.layers import ProjectedLinear
 from svdcompress.projection import projection_error
@@ -150,8 +151,7 @@ def main() -> None:
     acc = result["rank_d_accuracy"]
     result["subspace_minus_exact_accuracy_points"] = 100 * (acc["subspace"] - acc["exact"])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps({k: result[k] for k in ("ratio_to_plain", "subspace_ratio_with_refresh_amortised",
                                              "rank_d_accuracy")}, indent=2))
     print(f"wrote {out}")

@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from svdcompress.io import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,8 +50,7 @@ def main() -> None:
     if results["settings"]["quick"]:
         raise SystemExit("that report is a --quick run: summarise a default run")
     summary = summarise(results)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.out, summary)
     print(json.dumps({k: summary[k] for k in ("baseline_accuracy", "sweep", "timings_seconds")}, indent=2))
     print(f"wrote {args.out}")
 

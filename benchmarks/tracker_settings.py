@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import svdcompress as sc
+from svdcompress.io import write_json
 from svdcompress.data import FASHION_DIR, load_dataset
 from svdcompress.layers import ProjectedLinear
 from svdcompress.train import TrainConfig, train
@@ -69,11 +70,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "tracker_settings", "device": "cpu",
-                               "threads": torch.get_num_threads(), "data": data.name,
-                               "rank": args.rank, "steps": args.steps, "time": time.ctime(),
-                               "settings": rows}, indent=2) + "\n")
+    write_json(out, {"benchmark": "tracker_settings", "device": "cpu",
+                     "threads": torch.get_num_threads(), "data": data.name,
+                     "rank": args.rank, "steps": args.steps, "time": time.ctime(),
+                     "settings": rows})
     print(f"wrote {out}")
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import svdcompress as sc
+from svdcompress.io import write_json
 from svdcompress.data import FASHION_DIR, load_dataset
 from svdcompress.claims import epochs_to
 from svdcompress.experiments import (calibration_batches, finetune_factors,
@@ -93,8 +93,7 @@ def main() -> None:
     for name, base in sets:
         result["datasets"][name] = run(name, base, args.calib_batches, args.ft_epochs)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
 
 

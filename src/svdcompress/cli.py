@@ -161,7 +161,57 @@ def cmd_sweep(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_compress_hf(args) -> None:
+    """Compress a Hugging Face / sentence-transformers encoder, calibrated on text."""
+    import time
+
+    from . import compress_
+    from .config import SVDConfig
+    from .hf import calibration_sentences, file_size, load_encoder, read_texts, save_encoder, text_batches
+
+    cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
+                    target_modules=args.target, exclude_modules=args.exclude,
+                    method=args.method, sequential=args.sequential, damping=args.damping,
+                    allocation=args.allocation)
+    t0 = time.perf_counter()
+    model = load_encoder(args.hf)
+    calib = None
+    if cfg.method == "whiten":
+        texts = read_texts(args.calib) if args.calib else calibration_sentences(args.calib_batches * 32)
+        calib = text_batches(model, texts)
+    report = compress_(model, cfg, calib, progress=True)
+    print(report)
+    save_encoder(model, args.out, config=cfg,
+                 extra={"source": str(args.hf), "compression": report.to_dict(),
+                        "calibration": args.calib or f"{args.calib_batches * 32} generated sentences",
+                        "seconds": time.perf_counter() - t0})
+    print(f"saved {args.out} ({file_size(args.out):,} bytes of weights) in "
+          f"{time.perf_counter() - t0:.1f} s")
+
+
+def cmd_eval_embeddings(args) -> None:
+    import json
+
+    from .hf import EVAL_SENTENCES, compare_embeddings, file_size, load_encoder, read_texts, synthetic_sentences
+    from .io import load
+
+    model = load(args.run)
+    reference = load_encoder(args.reference)
+    if args.sentences > EVAL_SENTENCES:
+        raise UsageError(f"--sentences must be at most {EVAL_SENTENCES}")
+    texts = read_texts(args.texts) if args.texts else synthetic_sentences(args.sentences, seed=0)
+    m = compare_embeddings(model, reference, texts)
+    m["params"] = sum(p.numel() for p in model.parameters())
+    m["reference_params"] = sum(p.numel() for p in reference.parameters())
+    m["file_bytes"] = file_size(args.run)
+    print(json.dumps(m, indent=2))
+
+
 def cmd_compress(args) -> None:
+    if (args.run is None) == (args.hf is None):
+        raise UsageError("give exactly one of RUN or --hf PATH")
+    if args.hf is not None:
+        return cmd_compress_hf(args)
     from . import compress_, load, save
     from .config import SVDConfig
     from .experiments import calibration_batches, check_rank_fits, model_size, run_dataset
@@ -278,8 +328,11 @@ def build_parser() -> Parser:
     s.add_argument("--out", help="results JSON (default RUN/results.json)")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("compress", help="factorise a run's layers and save the result")
-    s.add_argument("run")
+    s = sub.add_parser("compress", help="factorise a run's (or a Hugging Face model's) layers and save the result")
+    s.add_argument("run", nargs="?", help="run directory (or use --hf)")
+    s.add_argument("--hf", help="a local Hugging Face or sentence-transformers model directory")
+    s.add_argument("--calib", help="with --hf: a text file, one calibration sentence per line "
+                   "(default: generated sentences)")
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=positive_int, help="fixed rank D")
     how.add_argument("--energy", type=fraction, help="keep this fraction of the spectrum's energy")
@@ -306,6 +359,14 @@ def build_parser() -> Parser:
     s.add_argument("--data", help="dataset (default: the run's)")
     add_train_args(s, epochs=5, lr=1e-4)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("eval-embeddings", help="a compressed encoder against its reference, without labels")
+    s.add_argument("run")
+    s.add_argument("--reference", required=True, help="the uncompressed model directory")
+    s.add_argument("--texts", help="a text file, one sentence per line (default: generated sentences)")
+    s.add_argument("--sentences", type=positive_int, default=3000,
+                   help="how many generated sentences (default 3000)")
+    s.set_defaults(func=cmd_eval_embeddings)
 
     s = sub.add_parser("eval", help="accuracy, loss, parameters and bytes of a run")
     s.add_argument("run")

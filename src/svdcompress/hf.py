@@ -156,18 +156,19 @@ def file_size(directory: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
 
 
-def compare_embeddings(model: SentenceEncoder, reference: SentenceEncoder, texts: list[str],
+def compare_embeddings(model: SentenceEncoder, reference, texts: list[str],
                        queries: int = 500) -> dict:
     """Label-free quality of ``model`` against ``reference`` on ``texts``.
 
     Mean cosine similarity between the two embeddings of each sentence, and nearest-neighbour
     retrieval agreement: for the first ``queries`` sentences as queries over all the others,
     how often the top-1 neighbour is the same, and the mean overlap of the top-10 sets.
+    ``reference`` is the reference model or its embeddings of ``texts``.
     """
     t0 = time.perf_counter()
     emb = model.encode(texts)
     seconds = time.perf_counter() - t0
-    ref = reference.encode(texts)
+    ref = reference if isinstance(reference, torch.Tensor) else reference.encode(texts)
     cos = nn.functional.cosine_similarity(emb, ref, dim=-1)
     q = min(queries, len(texts) - 11)
 
@@ -226,6 +227,14 @@ def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+EVAL_SENTENCES = 10_000  # generated sentences 0..9,999 are evaluation text, never calibration
+
+
+def calibration_sentences(n: int) -> list[str]:
+    """Generated calibration text, disjoint from the evaluation sentences."""
+    return synthetic_sentences(EVAL_SENTENCES + n, seed=0)[EVAL_SENTENCES:]
+
+
 def read_texts(path: str | Path) -> list[str]:
     """One sentence per non-empty line of a UTF-8 text file."""
     try:
@@ -236,3 +245,11 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"text file {path} has no sentences")
     return texts
+
+
+def save_encoder(model: SentenceEncoder, out: str | Path, **kwargs) -> Path:
+    """``io.save`` plus the config and tokenizer files, so ``svdcompress.load(out)`` rebuilds it."""
+    from .io import save
+
+    copy_config(model, out)
+    return save(model, out, **kwargs)
