@@ -172,7 +172,7 @@ def cmd_compress_hf(args) -> None:
     cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
                     target_modules=args.target, exclude_modules=args.exclude,
                     method=args.method, sequential=args.sequential, damping=args.damping,
-                    allocation=args.allocation)
+                    allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
     t0 = time.perf_counter()
     model = load_encoder(args.hf)
     calib = None
@@ -207,6 +207,36 @@ def cmd_eval_embeddings(args) -> None:
     print(json.dumps(m, indent=2))
 
 
+def cmd_bench(args) -> None:
+    import json
+
+    from .bench import benchmark
+    from .io import load, write_json
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    model = load(args.run)
+    result = {"run": str(args.run), **benchmark(model, args.batch, args.threads, args.repeats)}
+    for r in result["rows"]:
+        print(f"{r['device']} batch {r['batch']:>4}: dense {r['dense_ms']:8.3f} ms, compressed "
+              f"{r['compressed_ms']:8.3f} ms, speed-up {r['speedup']:5.2f}x "
+              f"(multiply-adds {r['flop_ratio']:5.2f}x fewer)")
+    out = args.out or f"{args.run}/bench.json"
+    write_json(out, result)
+    print(f"wrote {out}")
+
+
+def cmd_export(args) -> None:
+    import json
+
+    from .export import export_onnx
+    from .io import load
+
+    model = load(args.run)
+    check = export_onnx(model, args.onnx)
+    print(f"wrote {args.onnx}: {json.dumps(check)}")
+
+
 def cmd_compress(args) -> None:
     if (args.run is None) == (args.hf is None):
         raise UsageError("give exactly one of RUN or --hf PATH")
@@ -222,7 +252,7 @@ def cmd_compress(args) -> None:
     cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
                     target_modules=args.target, exclude_modules=args.exclude,
                     method=args.method, sequential=args.sequential, damping=args.damping,
-                    allocation=args.allocation)
+                    allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
     check_rank_fits(model, cfg)
     calib = None
     if cfg.method == "whiten":
@@ -349,6 +379,9 @@ def build_parser() -> Parser:
                    help="whitening damping, relative to the mean input energy (default 0.01)")
     s.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
                    help="global (with --ratio): per-layer ranks under one parameter budget")
+    s.add_argument("--round-to", type=positive_int, help="round ranks up to a multiple of this (e.g. 8)")
+    s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
+                   "needs this many times fewer multiply-adds")
     s.add_argument("--data", help="dataset for calibration (default: the run's)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compress)
@@ -367,6 +400,20 @@ def build_parser() -> Parser:
     s.add_argument("--sentences", type=positive_int, default=3000,
                    help="how many generated sentences (default 3000)")
     s.set_defaults(func=cmd_eval_embeddings)
+
+    s = sub.add_parser("bench", help="latency and throughput: the dense original against the compressed run")
+    s.add_argument("run")
+    s.add_argument("--batch", type=lambda t: [positive_int(x) for x in t.split(",")], default=[1, 32, 256],
+                   help="comma-separated batch sizes (default 1,32,256)")
+    s.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    s.add_argument("--repeats", type=positive_int, default=30, help="timed repeats after warm-up (default 30)")
+    s.add_argument("--out", help="JSON file (default RUN/bench.json)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("export", help="ONNX export of a run, checked against PyTorch with onnxruntime")
+    s.add_argument("run")
+    s.add_argument("--onnx", required=True, help="the .onnx file to write")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("eval", help="accuracy, loss, parameters and bytes of a run")
     s.add_argument("run")

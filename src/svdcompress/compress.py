@@ -11,7 +11,8 @@ from .config import SVDConfig
 from .calibrate import collect
 from .factorize import SVD, split, svd, whitened_svd
 from .layers import LowRankConv2d, LowRankLinear
-from .rank import allocate_ranks, choose_rank, factorized_params, saves_parameters, truncation_error
+from .rank import (allocate_ranks, choose_rank, factorized_params, round_rank, saves_parameters,
+                   truncation_error)
 from .swap import candidate_modules, output_layer_name, replace_module
 
 
@@ -83,6 +84,18 @@ def _factorise(module: nn.Module, dec: SVD, rank: int) -> nn.Module:
     return new.train(module.training)
 
 
+def _keep_dense(rank, shape, config: SVDConfig) -> str:
+    """Why this layer stays dense at this rank ('' when it should be factorised)."""
+    if rank is None:
+        return "dense by allocation"
+    if not saves_parameters(rank, shape):
+        return f"rank {rank} saves no parameters"
+    speedup = shape[0] * shape[1] / factorized_params(rank, shape)
+    if config.min_speedup and speedup < config.min_speedup:
+        return f"not faster: {speedup:.2f}x fewer multiply-adds < {config.min_speedup}"
+    return ""
+
+
 def _decompose(module: nn.Module, shape, gram, config: SVDConfig) -> SVD:
     w = module.weight.reshape(shape)
     return svd(w) if gram is None else whitened_svd(w, gram, config.damping)
@@ -136,8 +149,10 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
         ranks = {n: choose_rank(decs[n].S, config.spec, shape) for n, _, _, shape in eligible}
     for name, module, kind, shape in eligible:
         rank = ranks[name]
-        if rank is None or not saves_parameters(rank, shape):
-            note = "dense by allocation" if rank is None else f"rank {rank} saves no parameters"
+        if rank is not None and config.round_to:
+            rank = round_rank(rank, config.round_to, shape)
+        note = _keep_dense(rank, shape, config)
+        if note:
             report.layers.append(_dense_report(name, module, kind, note))
             continue
         dec = decs[name]

@@ -43,6 +43,11 @@ class SVDConfig:
     allocation: "uniform" (the spec applies to each layer) or "global" (with ``ratio``:
         per-layer ranks keeping at most ratio of all target layers' weight parameters while
         the summed relative truncation error is smallest).
+    round_to: round each chosen rank up to a multiple of this (matmul kernels are faster
+        on aligned sizes); rounding up never raises the truncation error.
+    min_speedup: keep a layer dense unless its factorised form needs at most 1/min_speedup
+        of the dense multiply-adds (m n / (D (m + n)) >= min_speedup): two thin matmuls are
+        not faster than one dense one until the saving is large enough.
     """
 
     rank: int | None = None
@@ -55,6 +60,8 @@ class SVDConfig:
     damping: float = 1e-2
     sequential: bool = False
     allocation: str = "uniform"
+    round_to: int | None = None
+    min_speedup: float | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -76,6 +83,13 @@ class SVDConfig:
             raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if self.allocation == "global" and self.ratio is None:
             raise ValueError("allocation='global' needs ratio (the share of parameters to keep)")
+        if self.round_to is not None and (isinstance(self.round_to, bool) or
+                                          not isinstance(self.round_to, int) or self.round_to < 1):
+            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        if self.min_speedup is not None and (isinstance(self.min_speedup, bool) or
+                                             not isinstance(self.min_speedup, (int, float)) or
+                                             not self.min_speedup >= 1):
+            raise ValueError(f"min_speedup must be a number >= 1, got {self.min_speedup!r}")
         if self.sequential and self.method != "whiten":
             raise ValueError("sequential calibration needs method='whiten'")
 

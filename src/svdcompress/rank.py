@@ -85,6 +85,14 @@ def choose_rank(singular_values: torch.Tensor, spec: RankSpec, shape: tuple[int,
     return int(torch.nonzero(reached)[0]) + 1
 
 
+def round_rank(rank: int, multiple: int, shape: tuple[int, int]) -> int:
+    """``rank`` rounded up to a multiple of ``multiple``, but never above min(m, n).
+
+    Rounding up keeps more singular triplets, so the truncation error never grows.
+    """
+    return min(-(-rank // multiple) * multiple, min(shape))
+
+
 def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
     """Relative Frobenius error ||W - W_D|| / ||W|| of the best rank-D approximation."""
     energy = singular_values.double().square()
