@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import svdcompress as sc
-from svdcompress.bench import benchmark, count_macs
+from svdcompress.bench import count_macs
 from svdcompress.cli import main
 from svdcompress.rank import round_rank, truncation_error
 

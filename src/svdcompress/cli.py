@@ -104,40 +104,12 @@ def cmd_train(args) -> None:
                                     out=args.out, resume=args.resume, progress=not args.quiet,
                                     limit_train=args.limit_train)
     else:
-        history = train_from_run(args)
+        from .experiments import continue_training
+        history = continue_training(args.init, train_config(args), args.out, data=args.data,
+                                    project_rank=args.project_rank, projection=args.projection,
+                                    resume=args.resume, progress=not args.quiet)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
-
-
-def train_from_run(args) -> list:
-    """Continue training a saved run; with --project-rank, as dynamic SVD training."""
-    from .config import SVDConfig
-    from .experiments import check_rank_fits, model_size, run_dataset
-    from .io import load, read_meta, save
-    from .swap import project_, unproject_
-    from .train import evaluate, train
-
-    meta = read_meta(args.init)
-    model = load(args.init)
-    data = run_dataset(meta, args.data)
-    cfg = train_config(args)
-    if args.project_rank is not None:
-        check_rank_fits(model, SVDConfig(rank=args.project_rank))
-        project_(model, args.project_rank, method=args.projection)
-    history = train(model, data, cfg, checkpoint_dir=args.out, resume=args.resume,
-                    progress=not args.quiet, desc="dynamic" if args.project_rank else "train")
-    model.cpu()
-    config = None
-    if args.project_rank is not None:
-        unproject_(model)  # the run holds the final rank-D factors; the checkpoint holds W
-        config = SVDConfig(rank=args.project_rank)
-    metrics = {**evaluate(model, data.x_test, data.y_test), **model_size(model)}
-    save(model, args.out, config=config,
-         extra={"data": meta.get("data"), "source": str(args.init), "history": history,
-                "train": cfg.__dict__, "metrics": metrics,
-                "projection": {"rank": args.project_rank, "method": args.projection}
-                if args.project_rank else None})
-    return history
 
 
 def cmd_sweep(args) -> None:
@@ -161,32 +133,22 @@ def cmd_sweep(args) -> None:
     print(f"wrote {out}")
 
 
-def cmd_compress_hf(args) -> None:
-    """Compress a Hugging Face / sentence-transformers encoder, calibrated on text."""
-    import time
-
-    from . import compress_
+def svd_config(args):
     from .config import SVDConfig
-    from .hf import calibration_sentences, file_size, load_encoder, read_texts, save_encoder, text_batches
 
-    cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
-                    target_modules=args.target, exclude_modules=args.exclude,
-                    method=args.method, sequential=args.sequential, damping=args.damping,
-                    allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
-    t0 = time.perf_counter()
-    model = load_encoder(args.hf)
-    calib = None
-    if cfg.method == "whiten":
-        texts = read_texts(args.calib) if args.calib else calibration_sentences(args.calib_batches * 32)
-        calib = text_batches(model, texts)
-    report = compress_(model, cfg, calib, progress=True)
+    return SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
+                     target_modules=args.target, exclude_modules=args.exclude,
+                     method=args.method, sequential=args.sequential, damping=args.damping,
+                     allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
+
+
+def cmd_compress_hf(args) -> None:
+    from .hf import compress_encoder
+
+    report, seconds, nbytes = compress_encoder(args.hf, svd_config(args), args.out, calib=args.calib,
+                                               calib_sentences=args.calib_batches * 32)
     print(report)
-    save_encoder(model, args.out, config=cfg,
-                 extra={"source": str(args.hf), "compression": report.to_dict(),
-                        "calibration": args.calib or f"{args.calib_batches * 32} generated sentences",
-                        "seconds": time.perf_counter() - t0})
-    print(f"saved {args.out} ({file_size(args.out):,} bytes of weights) in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"saved {args.out} ({nbytes:,} bytes of weights) in {seconds:.1f} s")
 
 
 def cmd_eval_embeddings(args) -> None:
@@ -208,8 +170,6 @@ def cmd_eval_embeddings(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    import json
-
     from .bench import benchmark
     from .io import load, write_json
 
@@ -243,16 +203,12 @@ def cmd_compress(args) -> None:
     if args.hf is not None:
         return cmd_compress_hf(args)
     from . import compress_, load, save
-    from .config import SVDConfig
     from .experiments import calibration_batches, check_rank_fits, model_size, run_dataset
     from .io import read_meta
 
     meta = read_meta(args.run)
     model = load(args.run)
-    cfg = SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
-                    target_modules=args.target, exclude_modules=args.exclude,
-                    method=args.method, sequential=args.sequential, damping=args.damping,
-                    allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
+    cfg = svd_config(args)
     check_rank_fits(model, cfg)
     calib = None
     if cfg.method == "whiten":

@@ -74,6 +74,30 @@ def run_extra(data: Dataset, cfg: TrainConfig, history: list, model: nn.Module,
             "train": {**cfg.__dict__}, "history": history, "metrics": {**metrics, **model_size(model)}}
 
 
+def continue_training(init: str | Path, cfg: TrainConfig, out: str | Path, *, data=None,
+                      project_rank: int | None = None, projection: str = "subspace",
+                      resume=False, progress=True) -> list:
+    """Train a saved run further into ``out``; with ``project_rank``, as dynamic SVD training
+    (the run then holds the final rank-D factors, its checkpoint the full W)."""
+    meta = read_meta(init)
+    model = load(init)
+    dataset = run_dataset(meta, data)
+    if project_rank is not None:
+        check_rank_fits(model, SVDConfig(rank=project_rank))
+        project_(model, project_rank, method=projection)
+    history = train(model, dataset, cfg, checkpoint_dir=out, resume=resume, progress=progress,
+                    desc="dynamic" if project_rank else "train")
+    model.cpu()
+    if project_rank is not None:
+        unproject_(model)
+    metrics = {**evaluate(model, dataset.x_test, dataset.y_test), **model_size(model)}
+    save(model, out, config=SVDConfig(rank=project_rank) if project_rank else None,
+         extra={"data": meta.get("data"), "source": str(init), "history": history,
+                "train": cfg.__dict__, "metrics": metrics,
+                "projection": {"rank": project_rank, "method": projection} if project_rank else None})
+    return history
+
+
 def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int = 0) -> list:
     """``n`` random batches of the training split (never the test split) for whitening."""
     if n < 1:

@@ -253,3 +253,24 @@ def save_encoder(model: SentenceEncoder, out: str | Path, **kwargs) -> Path:
 
     copy_config(model, out)
     return save(model, out, **kwargs)
+
+
+def compress_encoder(path: str | Path, config, out: str | Path, calib: str | None = None,
+                     calib_sentences: int = 512):
+    """Load, compress (calibrated on ``calib``, a text file, or generated sentences), save.
+
+    Returns (report, seconds, bytes of weights written)."""
+    from .compress import compress_
+
+    t0 = time.perf_counter()
+    model = load_encoder(path)
+    batches = None
+    if config.method == "whiten":
+        texts = read_texts(calib) if calib else calibration_sentences(calib_sentences)
+        batches = text_batches(model, texts)
+    report = compress_(model, config, batches, progress=True)
+    seconds = time.perf_counter() - t0
+    save_encoder(model, out, config=config,
+                 extra={"source": str(path), "compression": report.to_dict(), "seconds": seconds,
+                        "calibration": calib or f"{calib_sentences} generated sentences"})
+    return report, seconds, file_size(out)
