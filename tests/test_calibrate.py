@@ -86,6 +86,7 @@ def test_compress_whiten_on_toy_model_beats_plain_on_outputs(toy, toy_input):
             errs[(method, seq)] = float(torch.linalg.norm(model(toy_input) - ref))
         assert all(0 <= r.rel_error <= 1 for r in report.compressed)
     assert errs[("whiten", False)] < errs[("plain", False)]
+    assert errs[("whiten", True)] < errs[("plain", False)]
     with pytest.raises(ValueError, match="calibration"):
         sc.compress_(copy.deepcopy(toy), sc.SVDConfig(rank=2, method="whiten"))
 
@@ -151,7 +152,7 @@ def test_allocation_budget_too_small():
 
 @pytest.mark.parametrize("kw,field", [
     ({"rank": 2, "method": "svd"}, "method"), ({"rank": 2, "damping": -1}, "damping"),
-    ({"rank": 2, "allocation": "global"}, "needs ratio"), ({"rank": 2, "sequential": True}, "sequential"),
+    ({"rank": 2, "allocation": "global"}, "needs ratio"), ({"rank": 2, "sequential": 1}, "sequential"),
     ({"ratio": 0.5, "allocation": "best"}, "allocation"),
 ])
 def test_config_validation_of_new_fields(kw, field):

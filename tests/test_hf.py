@@ -65,7 +65,7 @@ def test_sentences_are_deterministic_and_calibration_is_disjoint():
 def test_cli_compress_hf_and_eval_embeddings(tiny_bert, tmp_path, capsys):
     out = tmp_path / "c"
     assert main(["compress", "--hf", str(tiny_bert), "--ratio", "0.5", "--method", "whiten",
-                 "--calib-batches", "2", "--out", str(out)]) == 0
+                 "--calib-sentences", "64", "--out", str(out)]) == 0
     assert main(["eval-embeddings", str(out), "--reference", str(tiny_bert), "--sentences", "80"]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads(printed[printed.index("{"):])

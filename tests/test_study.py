@@ -132,7 +132,7 @@ def test_whitened_compress_and_side_by_side_sweep(tmp_path, data_dir, capsys):
     saved = json.loads((base / "results.json").read_text())
     assert [r["method"] for r in saved["sweep_whiten"]] == ["whiten"] * 3
     code, out, err = cli(capsys, "compress", base, "--ratio", "0.3", "--allocation", "global",
-                         "--method", "whiten", "--sequential", "--calib-batches", 2, "--out", tmp_path / "g")
+                         "--method", "whiten", "--calibration", "sequential", "--calib-batches", 2, "--out", tmp_path / "g")
     assert code == 0, err
     meta = json.loads((tmp_path / "g" / "svdcompress.json").read_text())
     assert meta["config"]["allocation"] == "global" and meta["config"]["method"] == "whiten"

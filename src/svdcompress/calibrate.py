@@ -50,12 +50,10 @@ class SecondMoments:
 
 @torch.no_grad()
 def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
-            forward: Callable | None = None, progress: bool = False,
-            stop_after: str | None = None) -> dict[str, torch.Tensor]:
+            forward: Callable | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """E[x x^T] of each named module's input over ``batches`` (model in eval mode).
 
-    ``forward(model, batch)`` runs one batch (default: ``model(batch)``). With
-    ``stop_after`` the forward pass ends right after that module (sequential calibration).
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
     """
     stats = {name: None for name in modules}
     handles = []
@@ -66,8 +64,6 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
             if stats[name] is None:
                 stats[name] = SecondMoments(rows.shape[1], rows.device)
             stats[name].add(rows)
-            if name == stop_after:
-                raise _Stop
         return fn
 
     for name, module in modules.items():
@@ -76,10 +72,7 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     model.eval()
     try:
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
-            try:
-                forward(model, batch) if forward is not None else model(batch)
-            except _Stop:
-                pass
+            forward(model, batch) if forward is not None else model(batch)
     finally:
         for h in handles:
             h.remove()
@@ -88,3 +81,61 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     if missing:
         raise ValueError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
     return {name: s.mean() for name, s in stats.items()}
+
+
+@torch.no_grad()
+def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
+                  forward: Callable) -> dict[str, list[torch.Tensor]]:
+    """Each named module's input rows, batch by batch (float32), from one pass of ``model``."""
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: rows[name].append(layer_inputs(mod, args[0]).detach().float()))
+        for name, m in modules.items()]
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return rows
+
+
+@torch.no_grad()
+def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward: Callable,
+                   original_rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For layer ``name``: (E[x' x'^T], E[x x'^T]), x' its input in ``compressed`` (whose
+    earlier layers are already factorised) and x its input in the original network
+    (``original_rows``, batch by batch from ``record_inputs``). Each pass stops at the layer."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args):
+        seen["y"] = layer_inputs(module, args[0]).detach().to(torch.float64)
+        raise _Stop
+
+    handle = compressed.get_submodule(name).register_forward_pre_hook(grab)
+    was = compressed.training
+    compressed.eval()
+    gram = cross = None
+    count = 0
+    try:
+        for batch, x in zip(batches, original_rows):
+            try:
+                forward(compressed, batch)
+            except _Stop:
+                pass
+            y, x = seen["y"], x.to(torch.float64)
+            if gram is None:
+                gram, cross = y.T @ y, x.T @ y
+            else:
+                gram.addmm_(y.T, y)
+                cross.addmm_(x.T, y)
+            count += y.shape[0]
+    finally:
+        handle.remove()
+        compressed.train(was)
+    if count == 0:
+        raise ValueError(f"no calibration inputs reached layer {name}")
+    return gram / count, cross / count

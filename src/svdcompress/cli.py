@@ -138,7 +138,7 @@ def svd_config(args):
 
     return SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
                      target_modules=args.target, exclude_modules=args.exclude,
-                     method=args.method, sequential=args.sequential, damping=args.damping,
+                     method=args.method, sequential=args.calibration == "sequential", damping=args.damping,
                      allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
 
 
@@ -146,7 +146,7 @@ def cmd_compress_hf(args) -> None:
     from .hf import compress_encoder
 
     report, seconds, nbytes = compress_encoder(args.hf, svd_config(args), args.out, calib=args.calib,
-                                               calib_sentences=args.calib_batches * 32)
+                                               calib_sentences=args.calib_sentences)
     print(report)
     print(f"saved {args.out} ({nbytes:,} bytes of weights) in {seconds:.1f} s")
 
@@ -309,8 +309,8 @@ def build_parser() -> Parser:
     s.add_argument("--data", help="dataset (default: the run's)")
     s.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=["plain", "whiten"],
                    help="comma-separated: plain, whiten (default both, side by side)")
-    s.add_argument("--calib-batches", type=positive_int, default=16,
-                   help="training batches of 128 that calibrate whitening (default 16)")
+    s.add_argument("--calib-batches", type=positive_int, default=64,
+                   help="training batches of 128 that calibrate whitening (default 64)")
     s.add_argument("--out", help="results JSON (default RUN/results.json)")
     s.set_defaults(func=cmd_sweep)
 
@@ -327,10 +327,14 @@ def build_parser() -> Parser:
     s.add_argument("--exclude", type=suffixes_or_regex, help="regex or comma-separated name suffixes")
     s.add_argument("--method", choices=["plain", "whiten"], default="plain",
                    help="plain SVD, or data-aware SVD whitened by the layer inputs' statistics")
-    s.add_argument("--calib-batches", type=positive_int, default=16,
-                   help="training batches of 128 that calibrate whitening (default 16)")
-    s.add_argument("--sequential", action="store_true",
-                   help="calibrate each layer on the outputs of the compressed layers before it")
+    s.add_argument("--calib-batches", type=positive_int, default=64,
+                   help="training batches of 128 that calibrate whitening (default 64)")
+    s.add_argument("--calibration", choices=["sequential", "parallel"], default="sequential",
+                   help="with --method whiten: sequential (default) fits each layer to the original "
+                   "outputs from the inputs the compressed layers before it produce; parallel "
+                   "calibrates every layer on the dense network (faster)")
+    s.add_argument("--calib-sentences", type=positive_int, default=512,
+                   help="with --hf and no --calib: generated calibration sentences (default 512)")
     s.add_argument("--damping", type=float, default=1e-2,
                    help="whitening damping, relative to the mean input energy (default 0.01)")
     s.add_argument("--allocation", choices=["uniform", "global"], default="uniform",

@@ -8,8 +8,8 @@ from typing import Iterable
 from torch import nn
 
 from .config import SVDConfig
-from .calibrate import collect
-from .factorize import SVD, split, svd, whitened_svd
+from .calibrate import collect, collect_paired, record_inputs
+from .factorize import SVD, compensated_svd, split, svd, whitened_svd
 from .layers import LowRankConv2d, LowRankLinear
 from .rank import (allocate_ranks, choose_rank, factorized_params, round_rank, saves_parameters,
                    truncation_error)
@@ -142,6 +142,9 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     if whiten:
         grams = collect(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch, progress)
     decs = {n: _decompose(m, shape, grams.get(n), config) for n, m, _, shape in eligible}
+    originals = {}
+    if whiten and config.sequential:  # the dense network's layer inputs, recorded once
+        originals = record_inputs(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch)
     if config.allocation == "global":
         budget = int(config.ratio * sum(shape[0] * shape[1] for _, _, _, shape in eligible))
         ranks = allocate_ranks({n: (decs[n].S, shape) for n, _, _, shape in eligible}, budget)
@@ -156,9 +159,10 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
             report.layers.append(_dense_report(name, module, kind, note))
             continue
         dec = decs[name]
-        if config.sequential:  # re-calibrate on the outputs of the layers compressed so far
-            gram = collect(model, {name: module}, calibration, _run_batch, stop_after=name)[name]
-            dec = _decompose(module, shape, gram, config)
+        if name in originals:  # fit the original layer's outputs from the inputs that the
+            # already-compressed layers before it now produce: errors do not compound
+            gram, cross = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
+            dec = compensated_svd(module.weight.reshape(shape), gram, cross, config.damping)
         replace_module(model, name, _factorise(module, dec, rank))
         bias = 0 if module.bias is None else module.bias.numel()
         report.layers.append(LayerReport(

@@ -38,8 +38,10 @@ class SVDConfig:
     method: "plain" (truncated SVD of W) or "whiten" (data-aware: the SVD of W L with
         L L^T = E[x x^T] of the layer's calibration inputs; needs calibration batches).
     damping: added to E[x x^T] as damping * mean(diag) * I before whitening.
-    sequential: calibrate each layer on the outputs of the already-compressed layers
-        before it (whiten only), so errors do not compound.
+    sequential: (whiten only; the default) factorise the layers in order, each fitted to
+        reproduce the original layer's outputs from the inputs the already-compressed layers
+        before it now produce, so errors do not compound. False calibrates every layer on
+        the dense network's inputs (faster, less accurate at small ranks).
     allocation: "uniform" (the spec applies to each layer) or "global" (with ``ratio``:
         per-layer ranks keeping at most ratio of all target layers' weight parameters while
         the summed relative truncation error is smallest).
@@ -58,7 +60,7 @@ class SVDConfig:
     skip_output_layer: bool = True
     method: str = "plain"
     damping: float = 1e-2
-    sequential: bool = False
+    sequential: bool = True
     allocation: str = "uniform"
     round_to: int | None = None
     min_speedup: float | None = None
@@ -90,8 +92,6 @@ class SVDConfig:
                                              not isinstance(self.min_speedup, (int, float)) or
                                              not self.min_speedup >= 1):
             raise ValueError(f"min_speedup must be a number >= 1, got {self.min_speedup!r}")
-        if self.sequential and self.method != "whiten":
-            raise ValueError("sequential calibration needs method='whiten'")
 
     @property
     def spec(self) -> RankSpec:

@@ -108,7 +108,7 @@ def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int 
 
 
 def sweep(base: nn.Module, data: Dataset, ranks=STUDY_RANKS, progress=True,
-          method: str = "plain", calib_batches: int = 16, sequential: bool = False) -> list[dict]:
+          method: str = "plain", calib_batches: int = 64, sequential: bool = True) -> list[dict]:
     """Accuracy and size of the base network truncated at each rank (None: uncompressed)."""
     base = base.cpu()
     dense = model_size(base)
@@ -189,7 +189,7 @@ QUICK = {"limit_train": 10_000, "epochs": 3, "ft_epochs": 2}
 
 def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-3,
               ft_rank=20, ft_epochs=5, ft_lr=1e-4, seed=0, ranks=STUDY_RANKS,
-              hidden=(1024,) * 5, dynamic=True, calib_batches=16, device="auto",
+              hidden=(1024,) * 5, dynamic=True, calib_batches=64, device="auto",
               progress=True) -> dict:
     """The whole study into ``out``: results.json, report.md and figures; runs under out/runs."""
     from .claims import claims

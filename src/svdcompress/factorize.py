@@ -96,3 +96,24 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     U, S, Vh = torch.linalg.svd(w @ (basis * root), full_matrices=False)
     unwhiten = lambda b: (b / root) @ basis.T  # noqa: E731
     return SVD(U, S, Vh, unwhiten)
+
+
+@torch.no_grad()
+def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                    damping: float = 1e-2) -> SVD:
+    """Rank-D factors minimising ||W X - W_D X'|| when the layer's inputs changed from X (the
+    original network) to X' (the network whose earlier layers are compressed).
+
+    With C' = E[x' x'^T] and A = E[x x'^T], the unconstrained optimum is W* = W A C'^{-1};
+    the error splits into a part no W_D can remove plus ||(W* - W_D) X'||, so the answer is
+    the whitened truncation of W* in the metric of C'.
+    """
+    w = weight.detach().to(torch.float64)
+    c = gram.to(w.device, torch.float64)
+    n = c.shape[0]
+    scale = float(torch.diagonal(c).mean())
+    if not scale > 0:
+        return svd(w)
+    damped = c + damping * scale * torch.eye(n, dtype=c.dtype, device=c.device)
+    target = torch.linalg.solve(damped, cross.to(w.device, torch.float64).T @ w.T).T
+    return whitened_svd(target, c, damping)

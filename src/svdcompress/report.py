@@ -130,7 +130,8 @@ def whitening_section(results: dict) -> list[str]:
              f"Each layer's SVD is taken of W L, with L L^T the second moment of its inputs over "
              f"{results.get('calib_batches', '?')} training batches of 128 (damping 0.01 of the mean "
              "diagonal), so truncation minimises the error of the layer's outputs rather than of its "
-             "weights.", "", "| D | plain | whitened | parameters |", "|---|---:|---:|---:|"]
+             "weights; layers are factorised in order, each fitted to the original layer's outputs "
+             "from the inputs the compressed layers before it produce (sequential calibration).", "", "| D | plain | whitened | parameters |", "|---|---:|---:|---:|"]
     for p, w in zip(results["sweep"], white):
         lines.append(f"| {p['rank']} | {_pct(p['accuracy'])} | {_pct(w['accuracy'])} | {p['params']:,} |")
     alloc = results.get("allocation") or []
