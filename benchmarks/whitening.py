@@ -31,10 +31,9 @@ from svdcompress.train import TrainConfig, evaluate
 RANKS = (10, 20, 50, 100, 200)
 VARIANTS = [  # (label, method, sequential, damping)
     ("plain", "plain", False, 0.0),
-    ("whiten", "whiten", False, 1e-2),
-    ("whiten-seq", "whiten", True, 1e-2),
-    ("whiten-d1e-4", "whiten", False, 1e-4),
-    ("whiten-seq-d1e-4", "whiten", True, 1e-4),
+    ("whiten-parallel", "whiten", False, 1e-2),
+    ("whiten-sequential", "whiten", True, 1e-2),  # the default
+    ("whiten-sequential-d0.1", "whiten", True, 1e-1),
 ]
 
 
@@ -81,7 +80,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fashion-base", help="a saved Fashion-MNIST base run (default: train one)")
     p.add_argument("--mnist-base", help="a saved mnist-5k base run (default: train one)")
-    p.add_argument("--calib-batches", type=int, default=16)
+    p.add_argument("--calib-batches", type=int, default=64)
     p.add_argument("--ft-epochs", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "whitening.json"))
     args = p.parse_args()

@@ -158,3 +158,34 @@ def test_allocation_budget_too_small():
 def test_config_validation_of_new_fields(kw, field):
     with pytest.raises(ValueError, match=field):
         sc.SVDConfig(**kw)
+
+
+def test_compensated_truncation_fits_original_outputs_best():
+    """min ||W X - W_D X'|| over rank D: at most what whitening W alone in the X' metric gives."""
+    from svdcompress.factorize import compensated_svd
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    x2 = x + 0.3 * torch.randn(300, 16, generator=g, dtype=torch.float64)  # perturbed inputs
+    gram, cross = x2.T @ x2 / 300, x.T @ x2 / 300
+    for d in (2, 5, 9):
+        u, v = split(compensated_svd(w, gram, cross, damping=0.0), d)
+        comp = float(torch.linalg.norm(w @ x.T - (u @ v) @ x2.T))
+        u2, v2 = split(whitened_svd(w, gram, 0.0), d)
+        white = float(torch.linalg.norm(w @ x.T - (u2 @ v2) @ x2.T))
+        assert comp <= white * (1 + 1e-9)
+
+
+def test_paired_statistics_match_direct_computation():
+    from svdcompress.calibrate import collect_paired, record_inputs
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    compressed = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    batches = [torch.randn(7, 6) for _ in range(3)]
+    run = lambda m, b: m(b)  # noqa: E731
+    rows = record_inputs(original, {"2": original[2]}, batches, run)["2"]
+    gram, cross = collect_paired(compressed, "2", batches, run, rows)
+    x = torch.cat([torch.relu(original[0](b)) for b in batches]).double().detach()
+    y = torch.cat([torch.relu(compressed[0](b)) for b in batches]).double().detach()
+    torch.testing.assert_close(gram, y.T @ y / 21)
+    torch.testing.assert_close(cross, x.T @ y / 21, rtol=1e-5, atol=1e-6)
