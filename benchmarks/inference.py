@@ -15,15 +15,13 @@ import copy
 import tempfile
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import svdcompress as sc  # noqa: E402
-from svdcompress.bench import benchmark  # noqa: E402
-from svdcompress.io import write_json  # noqa: E402
+import svdcompress as sc
+from svdcompress.bench import benchmark
+from svdcompress.io import write_json
+from svdcompress.report import finish  # also selects matplotlib's file-only Agg backend
 
 RANKS = (10, 20, 50, 100, 200)
 BATCHES = (1, 32, 256)
@@ -69,13 +67,8 @@ def main() -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(RANKS, [str(r) for r in RANKS])
-    ax.set_xlabel("rank D")
-    ax.set_ylabel("speed-up over the dense network")
-    ax.set_title(f"Reference MLP inference on CPU ({torch.get_num_threads()} threads)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.figure, dpi=110)
+    finish(fig, ax, Path(args.figure), "rank D", "speed-up over the dense network",
+           f"Reference MLP inference on CPU ({torch.get_num_threads()} threads)")
     print(f"wrote {args.out} and {args.figure}")
 
 

@@ -23,6 +23,16 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    """Label, grid and legend every figure the same way, then write it atomically."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    _save(fig, path)
+
+
 def _sweep_points(results: dict, key: str = "sweep"):
     rows = [r for r in results.get(key, []) if r["rank"] != "full"]
     return [r["rank"] for r in rows], [100 * r["accuracy"] for r in rows], [r["params"] for r in rows]
@@ -46,12 +56,8 @@ def fig_accuracy_vs_rank(results: dict, path: Path) -> None:
     ax.axhline(100 * results["baseline"]["accuracy"], color="gray", ls="--", label="uncompressed")
     ax.set_xscale("log")
     ax.set_xticks(ranks, [str(r) for r in ranks])
-    ax.set_xlabel("rank D of every layer but the last")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy vs rank ({results['data']['name']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, "rank D of every layer but the last", "test accuracy (%)",
+           f"Accuracy vs rank ({results['data']['name']})")
 
 
 def fig_accuracy_vs_params(results: dict, path: Path) -> None:
@@ -64,12 +70,8 @@ def fig_accuracy_vs_params(results: dict, path: Path) -> None:
     ax.axhline(100 * base["accuracy"], color="gray", ls="--",
                label=f"uncompressed ({base['params']:,} params)")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters of the whole network")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs parameters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, path)
+    finish(fig, ax, path, "parameters of the whole network", "test accuracy (%)",
+           "Accuracy vs parameters")
 
 
 def fig_spectra(results: dict, path: Path) -> None:
@@ -78,12 +80,8 @@ def fig_spectra(results: dict, path: Path) -> None:
         ax.plot(range(1, len(s) + 1), s, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("singular value s_i")
-    ax.set_title("Singular-value spectrum of each layer (trained baseline)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    finish(fig, ax, path, "index i", "singular value s_i",
+           "Singular-value spectrum of each layer (trained baseline)", legend_size=7)
 
 
 def fig_training_curves(results: dict, path: Path) -> None:
@@ -97,12 +95,8 @@ def fig_training_curves(results: dict, path: Path) -> None:
                 hh = run["history"]
                 ax.plot([n + r["epoch"] for r in hh], [100 * r["test_accuracy"] for r in hh],
                         ".-", alpha=0.8, label=f"{label} D={results[key]['rank']} (seed {run['seed']})")
-    ax.set_xlabel("epoch (fine-tuning continues after the baseline)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Training curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    finish(fig, ax, path, "epoch (fine-tuning continues after the baseline)", "test accuracy (%)",
+           "Training curves", legend_size=7)
 
 
 FIGURES = {
