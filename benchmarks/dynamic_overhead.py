@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import svdcompress as sc
-from svdcompress.io import write_json
-from svdcompress.data import FASHION_DIR, load_dataset
-from svdcompress.layers import ProjectedLinear
-from svdcompress.projection import projection_error
-from svdcompress.train import TrainConfig, evaluate, make_optimizer, train
+from svdcompress.study import MLP
+from svdcompress.core.files import write_json
+from svdcompress.study.data import FASHION_DIR, load_dataset
+from svdcompress.core.projection import ProjectedLinear
+from svdcompress.core.projection import projection_error
+from svdcompress.study.train import TrainConfig, evaluate, make_optimizer, train
 
 
 def make_stepper(model, data, lr, batch, seed):
@@ -92,7 +93,7 @@ def main() -> None:
 
     data = load_dataset(args.data)
     torch.manual_seed(args.seed)
-    base = sc.MLP(data.in_features, [1024] * 5, 10)
+    base = MLP(data.in_features, [1024] * 5, 10)
     t0 = time.perf_counter()
     train(base, data, TrainConfig(epochs=1, seed=args.seed, device="cpu"), progress=False)
     print(f"base: 1 epoch in {time.perf_counter() - t0:.0f} s, "

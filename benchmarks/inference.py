@@ -15,13 +15,13 @@ import copy
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 
 import svdcompress as sc
-from svdcompress.bench import benchmark
-from svdcompress.io import write_json
-from svdcompress.report import finish  # also selects matplotlib's file-only Agg backend
+from svdcompress.study import MLP
+from svdcompress.integrations.bench import benchmark
+from svdcompress.core.files import write_json
+from svdcompress.study.report import finish, subplots
 
 RANKS = (10, 20, 50, 100, 200)
 BATCHES = (1, 32, 256)
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--figure", default=str(here / "inference.png"))
     args = p.parse_args()
     torch.manual_seed(0)
-    base = sc.MLP()  # speed does not depend on the weights' values
+    base = MLP()  # speed does not depend on the weights' values
     rows = []
     for rank in RANKS:
         model = copy.deepcopy(base)
@@ -57,7 +57,7 @@ def main() -> None:
                           "repeats": args.repeats, "torch": torch.__version__,
                           "gpu": "not measured: no GPU was lent to this task",
                           "dense_param_bytes": dense_bytes, "rows": rows})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots()
     for batch in BATCHES:
         sel = [r for r in rows if r["batch"] == batch]
         ax.plot([r["rank"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"measured, batch {batch}")

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import svdcompress as sc
-from svdcompress.io import write_json
-from svdcompress.hf import (calibration_sentences, compare_embeddings, file_size, load_encoder,
-                            save_encoder, synthetic_sentences, text_batches)
+from svdcompress.core.files import write_json
+from svdcompress.integrations.hf import (calibration_sentences, compare_embeddings, file_size, load_encoder,
+                            synthetic_sentences, text_batches)
 
 RATIOS = (0.9, 0.7, 0.5, 0.3)
 VARIANTS = {"plain": dict(method="plain"),
@@ -57,11 +57,11 @@ def main() -> None:
             report = sc.compress_(model, sc.SVDConfig(ratio=ratio, **kw), calib)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
-                save_encoder(model, tmp, config=sc.SVDConfig(ratio=ratio, **kw))
+                sc.save(model, tmp, config=sc.SVDConfig(ratio=ratio, **kw))
                 nbytes = file_size(tmp)
                 loaded = sc.load(tmp)  # measure what a user gets back from disk
             m = compare_embeddings(loaded, ref, texts)
-            linear = [r for r in report.layers if r.rank is not None or r.note != "output layer"]
+            linear = report.considered()
             row = {"ratio": ratio, "variant": label, "compress_seconds": seconds,
                    "linear_params_kept": sum(r.params_after for r in linear) / sum(r.params_before for r in linear),
                    "params": sum(q.numel() for q in loaded.parameters()), "file_bytes": nbytes, **m}

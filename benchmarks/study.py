@@ -12,12 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from svdcompress.io import write_json
+from svdcompress.core.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def summarise(results: dict) -> dict:
+def summarize(results: dict) -> dict:
     def accs(section):
         return [r["accuracy"] for r in (results.get(section) or {}).get("runs", [])]
 
@@ -44,12 +44,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "study.json"))
     args = p.parse_args()
     if args.run:
-        from svdcompress.experiments import reproduce
+        from svdcompress.study.experiments import reproduce
         reproduce(args.data, args.report)
     results = json.loads((Path(args.report) / "results.json").read_text())
     if results["settings"]["quick"]:
-        raise SystemExit("that report is a --quick run: summarise a default run")
-    summary = summarise(results)
+        raise SystemExit("that report is a --quick run: summarize a default run")
+    summary = summarize(results)
     write_json(args.out, summary)
     print(json.dumps({k: summary[k] for k in ("baseline_accuracy", "sweep", "timings_seconds")}, indent=2))
     print(f"wrote {args.out}")

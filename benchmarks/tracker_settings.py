@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import svdcompress as sc
-from svdcompress.io import write_json
-from svdcompress.data import FASHION_DIR, load_dataset
-from svdcompress.layers import ProjectedLinear
-from svdcompress.train import TrainConfig, train
+from svdcompress.study import MLP
+from svdcompress.core.files import write_json
+from svdcompress.study.data import FASHION_DIR, load_dataset
+from svdcompress.core.projection import ProjectedLinear
+from svdcompress.study.train import TrainConfig, train
 
 from dynamic_overhead import make_stepper, tracker_errors
 
@@ -48,7 +49,7 @@ def main() -> None:
 
     data = load_dataset(args.data)
     torch.manual_seed(0)
-    base = sc.MLP(data.in_features, [1024] * 5, 10)
+    base = MLP(data.in_features, [1024] * 5, 10)
     train(base, data, TrainConfig(epochs=1, device="cpu"), progress=False)
     rows = []
     for setting in SETTINGS:

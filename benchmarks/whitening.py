@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 import svdcompress as sc
-from svdcompress.io import write_json
-from svdcompress.data import FASHION_DIR, load_dataset
-from svdcompress.claims import epochs_to
-from svdcompress.experiments import (calibration_batches, finetune_factors,
-                                     global_vs_uniform, train_baseline)
-from svdcompress.train import TrainConfig, evaluate
+from svdcompress.core.files import write_json
+from svdcompress.study.data import FASHION_DIR, load_dataset
+from svdcompress.study.claims import epochs_to
+from svdcompress.study.experiments import finetune_factors, global_vs_uniform
+from svdcompress.study.runs import calibration_batches, train_baseline
+from svdcompress.study.train import TrainConfig, evaluate
 
 RANKS = (10, 20, 50, 100, 200)
 VARIANTS = [  # (label, method, sequential, damping)

@@ -5,9 +5,10 @@ import tempfile
 import torch
 
 import svdcompress as sc
+from svdcompress.study import MLP
 
 torch.manual_seed(0)
-model = sc.MLP(784, [1024] * 5, 10)                  # the study's reference network
+model = MLP(784, [1024] * 5, 10)                  # the study's reference network
 report = sc.compress_(model, sc.SVDConfig(rank=20))  # every layer but the classifier
 print(report)
 

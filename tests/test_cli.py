@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import svdcompress as sc
+from svdcompress.study import MLP
 from svdcompress.cli import main
 
 
@@ -23,7 +24,7 @@ def test_version_and_help(capsys):
 
 
 def test_info_on_a_saved_run(tmp_path, capsys):
-    mlp = sc.MLP(20, [16, 16], 3)
+    mlp = MLP(20, [16, 16], 3)
     sc.compress_(mlp, sc.SVDConfig(rank=4))
     sc.save(mlp, tmp_path)
     code, out, _ = run("info", str(tmp_path), capsys=capsys)
@@ -38,7 +39,7 @@ def test_errors_are_one_line_and_status_2(tmp_path, capsys):
 
 
 def test_tampered_run_no_traceback(tmp_path):
-    mlp = sc.MLP(20, [16, 16], 3)
+    mlp = MLP(20, [16, 16], 3)
     sc.compress_(mlp, sc.SVDConfig(rank=4))
     sc.save(mlp, tmp_path)
     meta = json.loads((tmp_path / "svdcompress.json").read_text())

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import svdcompress as sc
-from svdcompress.rank import truncation_error
+from svdcompress.core.rank import truncation_error
 
 
 def rows(report):
@@ -16,8 +16,8 @@ def test_default_compresses_everything_but_output_and_grouped(toy):
     assert isinstance(toy.block.conv, sc.LowRankConv2d)
     assert isinstance(toy.block.proj, sc.LowRankLinear)
     assert all(isinstance(m, sc.LowRankLinear) for m in toy.mlp)
-    assert type(toy.head[1]) is nn.Linear and r["head.1"].note == "output layer"
-    assert type(toy.block.dw) is nn.Conv2d and r["block.dw"].note == "grouped conv"
+    assert type(toy.head[1]) is nn.Linear and r["head.1"].reason is sc.KeepDense.OUTPUT_LAYER
+    assert type(toy.block.dw) is nn.Conv2d and r["block.dw"].reason is sc.KeepDense.GROUPED_CONV
 
 
 def test_exact_parameter_counts(toy):
@@ -44,7 +44,8 @@ def test_report_error_matches_layer(toy):
 def test_layer_that_would_not_save_stays_dense(toy):
     report = sc.compress_(toy, sc.SVDConfig(rank=20))  # mlp.1 is 24x24: 20*48 >= 576
     assert type(toy.mlp[1]) is nn.Linear
-    assert "saves no parameters" in rows(report)["mlp.1"].note
+    assert rows(report)["mlp.1"].reason is sc.KeepDense.NO_SAVING
+    assert rows(report)["mlp.1"].note.endswith("saves no parameters")
 
 
 @pytest.mark.parametrize("target,exclude,expected", [

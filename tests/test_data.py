@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from svdcompress.data import (DataError, load_dataset, read_directory, read_idx, read_pair,
+from svdcompress.study.data import (DataError, load_dataset, read_directory, read_idx, read_pair,
                               write_idx, IMAGES_MAGIC, LABELS_MAGIC)
 
 

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import svdcompress as sc  # noqa: E402
 from svdcompress.cli import main  # noqa: E402
-from svdcompress.hf import (compare_embeddings, load_encoder, save_encoder, synthetic_sentences,  # noqa: E402
+from svdcompress.integrations.hf import (compare_embeddings, load_encoder, synthetic_sentences,  # noqa: E402
                             text_batches, calibration_sentences)
 
 WORDS = sorted({w.strip(".,?").lower() for s in synthetic_sentences(400) for w in s.split()})
@@ -41,7 +41,7 @@ def test_compress_save_load_same_outputs(tiny_bert, tmp_path):
     assert len(report.compressed) == 12
     assert report.layers[-1].name == "encoder.pooler.dense" and report.layers[-1].rank is None
     after = model.encode(texts)
-    save_encoder(model, tmp_path / "run", config=sc.SVDConfig(ratio=0.5, method="whiten"))
+    sc.save(model, tmp_path / "run", config=sc.SVDConfig(ratio=0.5, method="whiten"))
     loaded = sc.load(tmp_path / "run")  # rebuilt from config.json + svdcompress.json, offline
     torch.testing.assert_close(loaded.encode(texts), after)
     assert list(loaded.state_dict()) == list(model.state_dict())
@@ -69,7 +69,7 @@ def test_cli_compress_hf_and_eval_embeddings(tiny_bert, tmp_path, capsys):
     assert main(["eval-embeddings", str(out), "--reference", str(tiny_bert), "--sentences", "80"]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads(printed[printed.index("{"):])
-    assert 0 < metrics["mean_cosine"] <= 1 and metrics["params"] < metrics["reference_params"]
+    assert metrics["mean_cosine"] > 0.5 and metrics["params"] < metrics["reference_params"]
     assert main(["compress", "--hf", str(tmp_path / "nothing"), "--ratio", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert "not a Hugging Face model directory" in capsys.readouterr().err
     assert main(["compress", str(out), "--hf", str(tiny_bert), "--rank", "2", "--out", str(tmp_path / "y")]) == 2
@@ -85,7 +85,7 @@ def test_real_minilm_half_the_parameters_keeps_embeddings(tmp_path):
     calib = text_batches(model, calibration_sentences(256))
     report = sc.compress_(model, sc.SVDConfig(ratio=0.5, method="whiten"), calib)
     assert len(report.compressed) == 36
-    save_encoder(model, tmp_path, config=sc.SVDConfig(ratio=0.5, method="whiten"))
+    sc.save(model, tmp_path, config=sc.SVDConfig(ratio=0.5, method="whiten"))
     loaded = sc.load(tmp_path)
     m = compare_embeddings(loaded, reference, synthetic_sentences(1000), queries=200)
     assert m["mean_cosine"] >= 0.95, m

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import svdcompress as sc
-from svdcompress.bench import count_macs
+from svdcompress.study import MLP
+from svdcompress.integrations.bench import count_macs
 from svdcompress.cli import main
-from svdcompress.rank import round_rank, truncation_error
+from svdcompress.core.rank import round_rank, truncation_error
 
 
 def test_rank_rounding_never_raises_the_error():
@@ -30,7 +31,7 @@ def test_keep_dense_rule():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 2))
     # rank 16 on 64x64: 4096 / (16 * 128) = 2x fewer multiply-adds
     report = sc.compress_(model, sc.SVDConfig(rank=16, min_speedup=2.5))
-    assert not report.compressed and "not faster" in report.layers[0].note
+    assert not report.compressed and report.layers[0].reason is sc.KeepDense.NOT_FASTER
     assert type(model[0]) is nn.Linear
     report = sc.compress_(model, sc.SVDConfig(rank=16, min_speedup=1.5))
     assert len(report.compressed) == 2
@@ -40,19 +41,19 @@ def test_keep_dense_rule():
         sc.SVDConfig(rank=2, round_to=0)
 
 
-def test_macs_count_dense_and_factorised(toy, toy_input):
+def test_macs_count_dense_and_factorized(toy, toy_input):
     dense = count_macs(toy, {"x": toy_input})
     sc.compress_(toy, sc.SVDConfig(rank=2))
     low = count_macs(toy, {"x": toy_input})
     b = toy_input.shape[0]
     # proj 128 -> 32 becomes 2 * (128 + 32) per sample
     assert dense - low >= b * (128 * 32 - 2 * 160)
-    mlp = sc.MLP(20, [16], 3)
+    mlp = MLP(20, [16], 3)
     assert count_macs(mlp, {"x": torch.randn(5, 20)}) == 5 * (20 * 16 + 16 * 3)
 
 
 def test_bench_json_schema(tmp_path, capsys):
-    mlp = sc.MLP(20, [16, 16], 3)
+    mlp = MLP(20, [16, 16], 3)
     sc.compress_(mlp, sc.SVDConfig(rank=4))
     sc.save(mlp, tmp_path / "run")
     assert main(["bench", str(tmp_path / "run"), "--batch", "1,8", "--repeats", "3", "--threads", "1"]) == 0
@@ -70,7 +71,7 @@ def test_bench_json_schema(tmp_path, capsys):
 def test_onnx_export_round_trip(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    mlp = sc.MLP(20, [16, 16], 3)
+    mlp = MLP(20, [16, 16], 3)
     sc.compress_(mlp, sc.SVDConfig(rank=4))
     sc.save(mlp, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")]) == 0

@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import svdcompress as sc
-from svdcompress.io import FormatError, read_meta
+from svdcompress.study import MLP
+from svdcompress import FormatError, read_meta
 from tests.conftest import ToyNet
 
 
@@ -15,7 +16,7 @@ def compressed_toy(path, rank=2):
     model = ToyNet()
     cfg = sc.SVDConfig(rank=rank)
     sc.compress_(model, cfg)
-    sc.save(model, path, config=cfg, extra={"metrics": {"accuracy": 0.5}})
+    sc.save(model, path, config=cfg, info=sc.RunInfo(metrics={"accuracy": 0.5}))
     return model
 
 
@@ -35,7 +36,7 @@ def test_round_trip_identical_outputs_and_keys(tmp_path, toy_input):
 
 
 def test_builtin_model_loads_without_code(tmp_path):
-    mlp = sc.MLP(20, [16, 16], 3)
+    mlp = MLP(20, [16, 16], 3)
     sc.compress_(mlp, sc.SVDConfig(rank=4))
     sc.save(mlp, tmp_path)
     loaded = sc.load(tmp_path)
@@ -122,7 +123,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
 
     def broken(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr("svdcompress.io.save_file", broken)
+    monkeypatch.setattr("svdcompress.core.io.save_file", broken)
     with pytest.raises(OSError):
         sc.save(model, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from svdcompress.factorize import svd
-from svdcompress.layers import LowRankConv2d, LowRankLinear
+from svdcompress.core.factorize import svd
+from svdcompress.core.layers import LowRankConv2d, LowRankLinear
 
 
 def frob2(t):
@@ -77,7 +77,7 @@ def test_to_dense_round_trip_and_dtype():
     torch.testing.assert_close(dense(x), low(x))
 
 
-def test_half_precision_weights_are_factorised():
+def test_half_precision_weights_are_factorized():
     lin = nn.Linear(8, 8).to(torch.bfloat16)
     low = LowRankLinear.from_linear(lin, 8)
     assert low.u.dtype == torch.bfloat16

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 import svdcompress as sc
-from svdcompress.layers import ProjectedLinear
-from svdcompress.projection import exact_factors, projection_error, subspace_iteration
+from svdcompress.study import MLP
+from svdcompress.core.projection import ProjectedLinear
+from svdcompress.core.projection import exact_factors, projection_error, subspace_iteration
 
 
 def decaying(m, n, seed=0, decay=0.85):
@@ -65,7 +66,7 @@ def test_subspace_iteration_converges_from_a_random_start():
 
 def test_eval_uses_exact_projection_cached_and_equals_unprojected():
     torch.manual_seed(0)
-    model = sc.MLP(20, [16, 16], 3)
+    model = MLP(20, [16, 16], 3)
     sc.project_(model, 4)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(8, 20)
@@ -93,8 +94,8 @@ def test_cache_invalidated_when_weight_changes():
     assert layer.factors() is not a
 
 
-def test_project_keeps_parameters_so_optimiser_stays_valid():
-    model = sc.MLP(10, [8], 2)
+def test_project_keeps_parameters_so_optimizer_stays_valid():
+    model = MLP(10, [8], 2)
     params = list(model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     names = sc.project_(model, 3)
@@ -122,7 +123,7 @@ def test_exact_method_and_refresh():
 
 def test_save_load_projected_and_unprojected(tmp_path):
     torch.manual_seed(0)
-    model = sc.MLP(20, [16, 16], 3)
+    model = MLP(20, [16, 16], 3)
     sc.project_(model, 4, oversample=2)
     x = torch.randn(5, 20)
     model(x)  # a training step initialises the tracker's buffers
@@ -140,7 +141,7 @@ def test_save_load_projected_and_unprojected(tmp_path):
 @pytest.mark.parametrize("rank", [0, -2, 2.5, "4", True])
 def test_bad_ranks_rejected(rank):
     with pytest.raises(ValueError, match="rank"):
-        sc.project_(sc.MLP(10, [8], 2), rank)
+        sc.project_(MLP(10, [8], 2), rank)
     with pytest.raises(ValueError, match="rank"):
         ProjectedLinear(10, 8, rank)
 
@@ -152,15 +153,15 @@ def test_rank_above_layer_size_and_bad_options():
         ProjectedLinear(10, 8, 2, method="fast")
     with pytest.raises(ValueError, match="max_iters"):
         ProjectedLinear(10, 8, 2, max_iters=0)
-    assert sc.project_(sc.MLP(10, [8], 2), 50) == ["hidden.0"]  # clamped to the layer's size
+    assert sc.project_(MLP(10, [8], 2), 50) == ["hidden.0"]  # clamped to the layer's size
 
 
 @pytest.mark.parametrize("opt_kwargs", [{}, {"fused": True}, {"foreach": True}])
-def test_training_follows_weight_under_every_optimiser_kernel(opt_kwargs):
+def test_training_follows_weight_under_every_optimizer_kernel(opt_kwargs):
     """Fused optimisers update W in place without bumping its version: the training
     projection must still follow W, and eval must not reuse a stale projection."""
     torch.manual_seed(0)
-    model = sc.MLP(24, [20, 20], 3).double()
+    model = MLP(24, [20, 20], 3).double()
     sc.project_(model, 4, max_iters=3, tol=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, **opt_kwargs)
     x = torch.randn(16, 24, dtype=torch.float64)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from svdcompress.rank import RankSpec, choose_rank, numerical_rank, saves_parameters, truncation_error
+from svdcompress.core.rank import RankSpec, choose_rank, numerical_rank, saves_parameters, truncation_error
 
 
 def sv(matrix):

@@ -63,7 +63,11 @@ def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
     report = (out_dir / "report.md").read_text()
     for row in results["sweep"]:  # the report's numbers are this run's numbers
         assert f"{100 * row['accuracy']:.2f}%" in report
-    assert len(results["claims"]) >= 5 and "supported" in report
+    assert len(results["claims"]) >= 5
+    for c in results["claims"]:  # every claim is in the report with its own verdict
+        assert c["verdict"] in ("supported", "not supported", "inconclusive")
+        shown = c["verdict"] if c["verdict"] == "supported" else f"**{c['verdict']}**"
+        assert f"| {c['claim']} | {shown} |" in report
     assert [r["method"] for r in results["sweep_whiten"]] == ["whiten"] * 4
     assert {(r["method"], r["allocation"]) for r in results["allocation"]} == {
         ("plain", "uniform"), ("plain", "global"), ("whiten", "uniform"), ("whiten", "global")}

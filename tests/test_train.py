@@ -2,9 +2,10 @@ import pytest
 import torch
 
 import svdcompress as sc
-from svdcompress.data import load_dataset
-from svdcompress.io import FormatError
-from svdcompress.train import CHECKPOINT, TrainConfig, evaluate, train
+from svdcompress.study import MLP
+from svdcompress.study.data import load_dataset
+from svdcompress import FormatError
+from svdcompress.study.train import CHECKPOINT, TrainConfig, evaluate, train
 from tests.test_data import make_mnist_dir
 
 
@@ -15,7 +16,7 @@ def tiny(tmp_path):
 
 def fresh(seed=0):
     torch.manual_seed(seed)
-    return sc.MLP(64, [32, 32], 10)
+    return MLP(64, [32, 32], 10)
 
 
 def test_training_learns_and_is_deterministic(tiny):
@@ -58,7 +59,11 @@ def test_resume_with_other_settings_or_corrupt_checkpoint(tiny, tmp_path):
 def test_evaluate_restores_mode(tiny):
     m = fresh().train()
     r = evaluate(m, tiny.x_test, tiny.y_test)
-    assert m.training and 0 <= r["accuracy"] <= 1 and r["loss"] > 0
+    assert m.training
+    with torch.no_grad():
+        out = m.eval()(tiny.x_test)
+    assert r["accuracy"] == pytest.approx(float((out.argmax(1) == tiny.y_test).float().mean()))
+    assert r["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out, tiny.y_test)), rel=1e-5)
 
 
 @pytest.mark.parametrize("kw,field", [({"epochs": -1}, "epochs"), ({"lr": 0}, "lr"),

@@ -1,18 +1,31 @@
-"""svdcompress: compress PyTorch models by truncated-SVD (low-rank) factorisation."""
+"""svdcompress: compress PyTorch models by truncated-SVD (low-rank) factorisation.
 
-from .compress import CompressionReport, LayerReport, compress_
-from .config import SVDConfig
-from .factorize import svd, truncated_factors
-from .io import FormatError, load, save
-from .layers import LowRankConv2d, LowRankLinear, ProjectedLinear
-from .models import MLP, build_model
-from .rank import RankSpec, choose_rank
-from .swap import densify_, project_, unproject_
+This package's namespace is the core only: importing it loads neither the study (data,
+training, report) nor any integration (Hugging Face, ONNX, benchmarks). Those live in
+``svdcompress.study`` and ``svdcompress.integrations``.
+"""
+
+from .core.archs import Architecture, register_architecture
+from .core.compress import compress_
+from .core.config import SVDConfig
+from .core.errors import ConfigError, DataError, FormatError, MissingDependency, SVDCompressError
+from .core.factorize import svd, truncated_factors
+from .core.io import load, read_info, read_meta, save
+from .core.kinds import LayerKind, register_kind
+from .core.layers import LowRankConv2d, LowRankLinear
+from .core.projection import ProjectedLinear
+from .core.rank import RankSpec, choose_rank
+from .core.report import CompressionReport, KeepDense, LayerReport
+from .core.runinfo import DataInfo, RunInfo
+from .core.swap import densify_, project_, unproject_
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompressionReport", "FormatError", "LayerReport", "LowRankConv2d", "LowRankLinear", "MLP",
-    "ProjectedLinear", "RankSpec", "SVDConfig", "__version__", "build_model", "choose_rank",
-    "compress_", "densify_", "load", "project_", "save", "svd", "truncated_factors", "unproject_",
+    "Architecture", "CompressionReport", "ConfigError", "DataError", "DataInfo", "FormatError",
+    "KeepDense", "LayerKind", "LayerReport", "LowRankConv2d", "LowRankLinear",
+    "MissingDependency", "ProjectedLinear", "RankSpec", "RunInfo", "SVDCompressError",
+    "SVDConfig", "__version__", "choose_rank", "compress_", "densify_", "load", "project_",
+    "read_info", "read_meta", "register_architecture", "register_kind", "save", "svd",
+    "truncated_factors", "unproject_",
 ]

@@ -1,18 +1,31 @@
-"""The command line: argument parsing only; each sub-command is a thin call into the API.
+"""The command line: argument parsing, one library call per command, and printing.
 
-Errors a user can cause end with one line on stderr and exit status 2, never a traceback.
+Errors a user can cause (svdcompress's SVDCompressError and its subclasses, unreadable or
+unwritable files) end with one line on stderr and exit status 2; ``--debug`` shows the
+traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import traceback
 
 from . import __version__
+from .core.config import SVDConfig
+from .core.errors import SVDCompressError
+from .core.io import load, read_meta
+from .integrations.bench import bench_run
+from .integrations.export import export_run
+from .integrations.hf import compress_hf, eval_embeddings_run
+from .study.experiments import STUDY_RANKS, reproduce
+from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
+from .study.train import TrainConfig
 
 
-class UsageError(Exception):
-    pass
+class UsageError(SVDCompressError):
+    """A command line that does not make sense (argparse's errors included)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,8 +36,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_info(args) -> None:
-    from .io import load, read_meta
-
     meta = read_meta(args.run)
     if meta.get("architecture") is not None:
         load(args.run)  # checks every tensor against the recorded shapes
@@ -34,7 +45,7 @@ def cmd_info(args) -> None:
     if meta.get("config"):
         print(f"config: {meta['config']}")
     for e in meta["layers"]:
-        print(f"  {e['name']:<28} {e.get('kind', '?'):<8} rank {e.get('rank')}")
+        print(f"  {e['name']:<28} {str(e.get('kind', '?')):<8} rank {e.get('rank')}")
     if not meta["layers"]:
         print("  (no low-rank layers: a dense model)")
 
@@ -81,30 +92,20 @@ def suffixes_or_regex(text: str):
     return text if any(c in text for c in "\\^$*+?()[]{}|") else [s for s in text.split(",") if s]
 
 
-def train_config(args, **override):
-    from .train import TrainConfig
-
-    values = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                  device=args.device)
-    values.update(override)
-    return TrainConfig(**values)
+def train_config(args) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                       device=args.device)
 
 
 def cmd_train(args) -> None:
-    from .data import load_dataset
-    from .experiments import train_baseline
-
     if args.init is None:
         if args.project_rank is not None:
             raise UsageError("--project-rank needs --init RUN (the network to start from)")
         if args.data is None:
             raise UsageError("the following arguments are required: --data (or --init RUN)")
-        data = load_dataset(args.data, limit_train=args.limit_train)
-        _, history = train_baseline(data, train_config(args), [args.width] * args.depth,
-                                    out=args.out, resume=args.resume, progress=not args.quiet,
-                                    limit_train=args.limit_train)
+        history = train_run(args.data, train_config(args), args.out, [args.width] * args.depth,
+                            limit_train=args.limit_train, resume=args.resume, progress=not args.quiet)
     else:
-        from .experiments import continue_training
         history = continue_training(args.init, train_config(args), args.out, data=args.data,
                                     project_rank=args.project_rank, projection=args.projection,
                                     resume=args.resume, progress=not args.quiet)
@@ -112,151 +113,72 @@ def cmd_train(args) -> None:
           else f"saved {args.out}")
 
 
-def cmd_sweep(args) -> None:
-    from .experiments import run_dataset, sweep
-    from .io import load, read_meta, write_json
+def cmd_finetune(args) -> None:
+    history = continue_training(args.run, train_config(args), args.out, data=args.data,
+                                resume=args.resume, progress=not args.quiet)
+    print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
+          else f"saved {args.out}")
 
-    meta = read_meta(args.run)
-    base = load(args.run)
-    data = run_dataset(meta, args.data)
-    table = {m: sweep(base, data, args.ranks, progress=False, method=m,
-                      calib_batches=args.calib_batches) for m in args.methods}
+
+def cmd_sweep(args) -> None:
+    table, out = sweep_run(args.run, args.ranks, args.methods, data=args.data,
+                           calib_batches=args.calib_batches, out=args.out)
     first = table[args.methods[0]]
     print(f"{'D':>5} " + " ".join(f"{m + ' acc.':>12}" for m in args.methods)
           + f" {'parameters':>12} {'bytes':>12} {'smaller':>8}")
     for i, r in enumerate(first):
         accs = " ".join(f"{table[m][i]['accuracy']:>12.4f}" for m in args.methods)
         print(f"{r['rank']:>5} {accs} {r['params']:>12,} {r['bytes']:>12,} {r['compression']:>7.1f}x")
-    out = args.out or f"{args.run}/results.json"
-    write_json(out, {"run": str(args.run), "data": data.name, "sweep": table.get("plain", first),
-                     "sweep_whiten": table.get("whiten")})
     print(f"wrote {out}")
 
 
-def svd_config(args):
-    from .config import SVDConfig
-
+def svd_config(args) -> SVDConfig:
     return SVDConfig(rank=args.rank, energy=args.energy, ratio=args.ratio,
                      target_modules=args.target, exclude_modules=args.exclude,
-                     method=args.method, sequential=args.calibration == "sequential", damping=args.damping,
-                     allocation=args.allocation, round_to=args.round_to, min_speedup=args.min_speedup)
-
-
-def cmd_compress_hf(args) -> None:
-    from .hf import compress_encoder
-
-    report, seconds, nbytes = compress_encoder(args.hf, svd_config(args), args.out, calib=args.calib,
-                                               calib_sentences=args.calib_sentences)
-    print(report)
-    print(f"saved {args.out} ({nbytes:,} bytes of weights) in {seconds:.1f} s")
-
-
-def cmd_eval_embeddings(args) -> None:
-    import json
-
-    from .hf import EVAL_SENTENCES, compare_embeddings, file_size, load_encoder, read_texts, synthetic_sentences
-    from .io import load
-
-    model = load(args.run)
-    reference = load_encoder(args.reference)
-    if args.sentences > EVAL_SENTENCES:
-        raise UsageError(f"--sentences must be at most {EVAL_SENTENCES}")
-    texts = read_texts(args.texts) if args.texts else synthetic_sentences(args.sentences, seed=0)
-    m = compare_embeddings(model, reference, texts)
-    m["params"] = sum(p.numel() for p in model.parameters())
-    m["reference_params"] = sum(p.numel() for p in reference.parameters())
-    m["file_bytes"] = file_size(args.run)
-    print(json.dumps(m, indent=2))
-
-
-def cmd_bench(args) -> None:
-    from .bench import benchmark
-    from .io import load, write_json
-
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("--threads must be at least 1")
-    model = load(args.run)
-    result = {"run": str(args.run), **benchmark(model, args.batch, args.threads, args.repeats)}
-    for r in result["rows"]:
-        print(f"{r['device']} batch {r['batch']:>4}: dense {r['dense_ms']:8.3f} ms, compressed "
-              f"{r['compressed_ms']:8.3f} ms, speed-up {r['speedup']:5.2f}x "
-              f"(multiply-adds {r['flop_ratio']:5.2f}x fewer)")
-    out = args.out or f"{args.run}/bench.json"
-    write_json(out, result)
-    print(f"wrote {out}")
-
-
-def cmd_export(args) -> None:
-    import json
-
-    from .export import export_onnx
-    from .io import load
-
-    model = load(args.run)
-    check = export_onnx(model, args.onnx)
-    print(f"wrote {args.onnx}: {json.dumps(check)}")
+                     method=args.method, sequential=args.calibration == "sequential",
+                     damping=args.damping, allocation=args.allocation, round_to=args.round_to,
+                     min_speedup=args.min_speedup)
 
 
 def cmd_compress(args) -> None:
     if (args.run is None) == (args.hf is None):
         raise UsageError("give exactly one of RUN or --hf PATH")
     if args.hf is not None:
-        return cmd_compress_hf(args)
-    from . import compress_, load, save
-    from .experiments import calibration_batches, check_rank_fits, model_size, run_dataset
-    from .io import read_meta
-
-    meta = read_meta(args.run)
-    model = load(args.run)
-    cfg = svd_config(args)
-    check_rank_fits(model, cfg)
-    calib = None
-    if cfg.method == "whiten":
-        calib = calibration_batches(run_dataset(meta, args.data), args.calib_batches)
-    report = compress_(model, cfg, calib, progress=True)
-    print(report)
-    save(model, args.out, config=cfg, extra={"data": meta.get("data"), "source": str(args.run),
-                                             "compression": report.to_dict(),
-                                             "metrics": model_size(model)})
+        report, seconds = compress_hf(args.hf, svd_config(args), args.out, calib=args.calib,
+                                      calib_sentences=args.calib_sentences)
+        print(report)
+        print(f"saved {args.out} in {seconds:.1f} s")
+        return
+    print(compress_run(args.run, svd_config(args), args.out, data=args.data,
+                       calib_batches=args.calib_batches))
     print(f"saved {args.out}")
 
 
-def cmd_finetune(args) -> None:
-    from .config import SVDConfig
-    from .experiments import run_dataset
-    from .io import load, read_meta, save
-    from .train import train
-
-    meta = read_meta(args.run)
-    model = load(args.run)
-    data = run_dataset(meta, args.data)
-    cfg = train_config(args)
-    history = train(model, data, cfg, checkpoint_dir=args.out, resume=args.resume,
-                    progress=not args.quiet, desc="finetune")
-    cfg_meta = meta.get("config")
-    save(model.cpu(), args.out, config=SVDConfig.from_dict(cfg_meta) if cfg_meta else None,
-         extra={"data": meta.get("data"), "source": str(args.run), "history": history,
-                "train": cfg.__dict__})
-    if history:
-        print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}")
-
-
 def cmd_eval(args) -> None:
-    from .experiments import model_size, run_dataset
-    from .io import load, read_meta
-    from .train import evaluate
-
-    meta = read_meta(args.run)
-    model = load(args.run)
-    data = run_dataset(meta, args.data)
-    m = {**evaluate(model, data.x_test, data.y_test), **model_size(model)}
+    m = eval_run(args.run, args.data)
     print(f"{args.run}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
-          f"{m['params']:,} parameters, {m['bytes']:,} bytes ({data.name} test split)")
+          f"{m['params']:,} parameters, {m['bytes']:,} bytes ({m['data']} test split)")
+
+
+def cmd_eval_embeddings(args) -> None:
+    print(json.dumps(eval_embeddings_run(args.run, args.reference, args.texts, args.sentences),
+                     indent=2))
+
+
+def cmd_bench(args) -> None:
+    result, out = bench_run(args.run, args.batch, args.threads, args.repeats, args.out)
+    for r in result["rows"]:
+        print(f"{r['device']} batch {r['batch']:>4}: dense {r['dense_ms']:8.3f} ms, compressed "
+              f"{r['compressed_ms']:8.3f} ms, speed-up {r['speedup']:5.2f}x "
+              f"(multiply-adds {r['flop_ratio']:5.2f}x fewer)")
+    print(f"wrote {out}")
+
+
+def cmd_export(args) -> None:
+    print(f"wrote {args.onnx}: {json.dumps(export_run(args.run, args.onnx))}")
 
 
 def cmd_reproduce(args) -> None:
-    from .experiments import reproduce
-
     results = reproduce(args.data, args.out, quick=args.quick, epochs=args.epochs,
                         seed=args.seed, device=args.device, progress=not args.quiet,
                         hidden=[args.width] * args.depth, ranks=args.ranks,
@@ -280,6 +202,7 @@ def build_parser() -> Parser:
     p = Parser(prog="svdcompress", description="Low-rank (truncated SVD) compression of "
                "PyTorch models: compress, fine-tune, train with projected weights, report.")
     p.add_argument("--version", action="version", version=f"svdcompress {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     s = sub.add_parser("info", help="describe a saved run directory (and check its files)")
     s.add_argument("run", help="run directory (model.safetensors + svdcompress.json)")
@@ -304,7 +227,7 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("sweep", help="accuracy and size of a run truncated at each rank")
     s.add_argument("run")
-    s.add_argument("--ranks", type=rank_list, default=[10, 20, 50, 100, 200, None],
+    s.add_argument("--ranks", type=rank_list, default=list(STUDY_RANKS),
                    help="comma-separated ranks, 'full' for the uncompressed run (default 10,20,50,100,200,full)")
     s.add_argument("--data", help="dataset (default: the run's)")
     s.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=["plain", "whiten"],
@@ -387,7 +310,7 @@ def build_parser() -> Parser:
     s.add_argument("--epochs", type=positive_int, default=20, help="baseline epochs (default 20)")
     s.add_argument("--ft-rank", type=positive_int, default=20, help="rank fine-tuned (default 20)")
     s.add_argument("--ft-epochs", type=positive_int, default=5, help="fine-tuning epochs (default 5)")
-    s.add_argument("--ranks", type=rank_list, default=[10, 20, 50, 100, 200, None],
+    s.add_argument("--ranks", type=rank_list, default=list(STUDY_RANKS),
                    help="ranks of the sweep (default 10,20,50,100,200,full)")
     s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
     s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
@@ -400,16 +323,16 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
         args.func(args)
-    except UsageError as err:
-        print(f"svdcompress: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as err:  # user-caused: bad value, bad or missing file
+    except (SVDCompressError, OSError) as err:  # user-caused: bad value, bad or missing file
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"svdcompress: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+from ..core.errors import require
+from ..core.files import atomic_write
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import atomic_write  # noqa: E402
+def subplots(figsize=(6, 4)):
+    """A figure and its axes, drawn straight to PNG: no pyplot, no GUI backend, no global
+    backend switch (matplotlib is the optional extra svdcompress[study])."""
+    figure = require("matplotlib.figure", extra="study").Figure(figsize=figsize)
+    require("matplotlib.backends.backend_agg", extra="study").FigureCanvasAgg(figure)
+    return figure, figure.subplots()
 
 
 def _pct(x: float) -> str:
@@ -20,7 +24,6 @@ def _pct(x: float) -> str:
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
 
 
 def finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
@@ -39,7 +42,7 @@ def _sweep_points(results: dict, key: str = "sweep"):
 
 
 def fig_accuracy_vs_rank(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots()
     ranks, acc, _ = _sweep_points(results)
     ax.plot(ranks, acc, "o-", label="plain truncation")
     if results.get("sweep_whiten"):
@@ -61,7 +64,7 @@ def fig_accuracy_vs_rank(results: dict, path: Path) -> None:
 
 
 def fig_accuracy_vs_params(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots()
     ranks, acc, params = _sweep_points(results)
     ax.plot(params, acc, "o-", label="plain truncation")
     for r, a, p in zip(ranks, acc, params):
@@ -75,7 +78,7 @@ def fig_accuracy_vs_params(results: dict, path: Path) -> None:
 
 
 def fig_spectra(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots()
     for name, s in results["spectra"].items():
         ax.plot(range(1, len(s) + 1), s, label=name)
     ax.set_xscale("log")
@@ -85,7 +88,7 @@ def fig_spectra(results: dict, path: Path) -> None:
 
 
 def fig_training_curves(results: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots()
     h = results["baseline"]["history"]
     ax.plot([r["epoch"] for r in h], [100 * r["test_accuracy"] for r in h], "o-", label="baseline")
     n = len(h)

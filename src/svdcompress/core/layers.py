@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .factorize import truncated_factors
-from .projection import ProjectedMatmul, exact_factors, subspace_change, subspace_iteration
 
 
-def _check_rank(rank: int) -> None:
+def check_rank(rank: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        raise ConfigError(f"rank must be an integer >= 1, got {rank!r}")
 
 
 def _fill(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -44,7 +44,7 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_rank(rank)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.u = nn.Parameter(torch.empty(out_features, rank, **kw))
@@ -67,7 +67,7 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
         """The best rank-D approximation of ``linear`` (truncated SVD)."""
-        _check_rank(rank)
+        check_rank(rank)
         rank = min(rank, *linear.weight.shape)
         u, v = truncated_factors(linear.weight, rank)
         return cls.from_factors(u, v, linear.bias)
@@ -106,7 +106,7 @@ class LowRankConv2d(nn.Module):
                  stride=1, padding=0, dilation=1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None) -> None:
         super().__init__()
-        _check_rank(rank)
+        check_rank(rank)
         kw = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.kernel_size, self.stride, self.dilation = (
@@ -140,9 +140,9 @@ class LowRankConv2d(nn.Module):
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
         """The best rank-D approximation of ``conv``'s (out, in*kh*kw) weight matrix."""
-        _check_rank(rank)
+        check_rank(rank)
         if conv.groups != 1:
-            raise ValueError("grouped convolutions cannot be factorised (groups != 1)")
+            raise ConfigError("grouped convolutions cannot be factorised (groups != 1)")
         w = conv.weight.reshape(conv.out_channels, -1)
         u, v = truncated_factors(w, min(rank, *w.shape))
         return cls.from_factors(conv, u, v)
@@ -172,124 +172,3 @@ class LowRankConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"rank={self.rank}, stride={self.stride}, padding={self.padding}, "
                 f"dilation={self.dilation}, bias={self.bias is not None}")
-
-
-LOW_RANK_TYPES = (LowRankLinear, LowRankConv2d)
-
-
-PROJECTION_METHODS = ("subspace", "exact")
-
-
-class ProjectedLinear(nn.Linear):
-    """Dynamic SVD training: the full W is the parameter; the forward pass uses P_D(W).
-
-    ``y = x P_D(W)^T + b`` is computed from the factors of P_D(W) (never the dense
-    projection); the backward pass hands dL/dP_D(W) to W unchanged (straight-through).
-    In training, ``method="subspace"`` tracks W's top singular subspace across steps
-    (see projection.py): one block power iteration per step, more (up to ``max_iters``)
-    while the top-D subspace still moves by more than ``tol``, and an exact SVD every
-    ``refresh_every`` steps. ``method="exact"`` takes a full SVD every step. In eval mode
-    the exact projection is used, cached while W does not change. The subspace state lives
-    in buffers, so it moves with ``.to()`` and is saved in checkpoints.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 method: str = "subspace", oversample: int = 16, max_iters: int = 2,
-                 tol: float = 1e-3, refresh_every: int = 1000, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        _check_rank(rank)
-        if rank > min(in_features, out_features):
-            raise ValueError(f"rank must be at most min(in, out) = "
-                             f"{min(in_features, out_features)}, got {rank}")
-        if method not in PROJECTION_METHODS:
-            raise ValueError(f"method must be one of {PROJECTION_METHODS}, got {method!r}")
-        for name, value, least in (("oversample", oversample, 0), ("max_iters", max_iters, 1),
-                                   ("refresh_every", refresh_every, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-        self.rank, self.method, self.oversample = rank, method, oversample
-        self.max_iters, self.tol, self.refresh_every = max_iters, float(tol), refresh_every
-        k = min(rank + oversample, in_features, out_features)
-        cdtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.register_buffer("basis", torch.zeros(in_features, k, device=device, dtype=cdtype))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
-        self._cache_key, self._cache = None, None
-        self.last_change = float("nan")  # the tracker's last subspace change (diagnostics)
-        self.last_iters = 0  # iterations the tracker took at its last step (diagnostics)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, **kwargs) -> "ProjectedLinear":
-        """Wrap ``linear``: the new layer holds the same weight and bias Parameter objects,
-        so an optimiser built on the original model stays valid."""
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        return layer.train(linear.training)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u, v) with P_D(W) = u @ v.
-
-        In training every call is a tracker step: W changes between steps, and an in-place
-        update need not bump W's version counter (fused optimisers do not), so nothing is
-        reused. In eval mode the exact factors are cached until W is replaced or modified
-        in place, or the layer changes mode.
-        """
-        if self.training:
-            with torch.no_grad():
-                if self.method == "subspace":
-                    u, v = self._track()
-                else:
-                    self.steps += 1
-                    u, v, _ = exact_factors(self.weight, self.rank)
-            self._cache_key, self._cache = None, (u.to(self.weight.dtype), v.to(self.weight.dtype))
-            return self._cache
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key != self._cache_key:
-            with torch.no_grad():
-                u, v, _ = exact_factors(self.weight, self.rank)
-            self._cache = (u.to(self.weight.dtype), v.to(self.weight.dtype))
-            self._cache_key = key
-        return self._cache
-
-    def train(self, mode: bool = True) -> "ProjectedLinear":
-        self._cache_key = None  # W may have changed without a version bump while training
-        return super().train(mode)
-
-    def _track(self) -> tuple[torch.Tensor, torch.Tensor]:
-        step = int(self.steps)
-        self.steps += 1
-        if step == 0 or (self.refresh_every and step % self.refresh_every == 0):
-            u, v, basis = exact_factors(self.weight, self.rank)
-            self.basis.copy_(basis[:, :self.basis.shape[1]])
-            self.last_change, self.last_iters = 0.0, 0
-            return u, v
-        basis = self.basis
-        for self.last_iters in range(1, self.max_iters + 1):
-            U, S, V = subspace_iteration(self.weight, basis, 1)
-            self.last_change = subspace_change(basis, V[:, :self.rank])
-            basis = V
-            if self.last_change <= self.tol:
-                break
-        self.basis.copy_(basis)
-        d = self.rank
-        return U[:, :d], S[:d, None] * V[:, :d].T
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = self.factors()
-        return ProjectedMatmul.apply(x, self.weight, self.bias, u, v)
-
-    @torch.no_grad()
-    def to_low_rank(self) -> LowRankLinear:
-        """The layer's exact rank-D factors as a LowRankLinear (what eval mode computes)."""
-        u, v, _ = exact_factors(self.weight, self.rank)
-        dt = self.weight.dtype
-        return LowRankLinear.from_factors(u.to(dt), v.to(dt), self.bias).train(self.training)
-
-    def options(self) -> dict:
-        """The tracker's settings, as saved in svdcompress.json."""
-        return {"method": self.method, "oversample": self.oversample, "max_iters": self.max_iters,
-                "tol": self.tol, "refresh_every": self.refresh_every}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, method={self.method}"

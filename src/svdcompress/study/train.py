@@ -19,8 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.errors import ConfigError, FormatError
+from ..core.files import atomic_write
+from ..core.io import load_state, unique_tensors
 from .data import Dataset
-from .io import FormatError, unique_tensors, atomic_write
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -35,20 +37,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}")
+            raise ConfigError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but CUDA is not available here")
+        raise ConfigError("device cuda was asked for, but CUDA is not available here")
     return torch.device(name)
 
 
@@ -96,8 +98,6 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
                     cfg: TrainConfig) -> tuple[int, list]:
     """Restore model and optimiser; returns (epochs done, history so far)."""
-    from .io import load_state
-
     path = Path(directory) / CHECKPOINT
     if not path.is_file():
         raise FormatError(f"no checkpoint to resume from: {path}")
@@ -110,7 +110,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = info.get("train_config", {})
     for key in ("lr", "batch_size", "seed"):
         if saved.get(key) != getattr(cfg, key):
-            raise ValueError(f"checkpoint {path} was made with {key}={saved.get(key)}, "
+            raise ConfigError(f"checkpoint {path} was made with {key}={saved.get(key)}, "
                              f"not {getattr(cfg, key)}: resume with the same settings")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     tied = {a[len("model."):]: t[len("model."):] for a, t in info.get("tied", {}).items()}
@@ -149,7 +149,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     start, history = 0, []
     if resume:
         if checkpoint_dir is None:
-            raise ValueError("resume needs a checkpoint directory")
+            raise ConfigError("resume needs a checkpoint directory")
         start, history = load_checkpoint(Path(checkpoint_dir), model, opt, cfg)
     n = len(data.x_train)
     for epoch in range(start, cfg.epochs):

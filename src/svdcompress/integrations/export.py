@@ -13,8 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.errors import SVDCompressError, require
+from ..core.files import atomic_write
+from ..core.io import load
 from .bench import example_inputs
-from .io import atomic_write
+
+
+class ExportMismatch(SVDCompressError):
+    """The exported graph does not compute what the PyTorch model computes."""
 
 # float32 through a different kernel library: agreement to about 1e-5 relative is normal;
 # the check fails beyond this.
@@ -44,10 +50,7 @@ def export_onnx(model: nn.Module, path: str | Path, batch: int = 2, check: bool 
 
 
 def check_onnx(model: nn.Module, path: str | Path, inputs: dict) -> dict:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("checking an ONNX export needs onnxruntime: pip install 'svdcompress[onnx]'") from None
+    ort = require("onnxruntime", extra="onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
     got = session.run(None, feed)[0]
@@ -56,7 +59,7 @@ def check_onnx(model: nn.Module, path: str | Path, inputs: dict) -> dict:
     diff = float(np.abs(got - want).max())
     ok = bool(np.allclose(got, want, atol=ATOL, rtol=RTOL))
     if not ok:
-        raise ValueError(f"ONNX output differs from PyTorch by up to {diff:.2e} "
+        raise ExportMismatch(f"ONNX output differs from PyTorch by up to {diff:.2e} "
                          f"(tolerance atol {ATOL}, rtol {RTOL})")
     nodes = [n.op_type for n in _graph(path).node]
     return {"max_abs_diff": diff, "atol": ATOL, "rtol": RTOL, "matmul_nodes":
@@ -64,5 +67,9 @@ def check_onnx(model: nn.Module, path: str | Path, inputs: dict) -> dict:
 
 
 def _graph(path):
-    import onnx
-    return onnx.load(str(path)).graph
+    return require("onnx", extra="onnx").load(str(path)).graph
+
+
+def export_run(run: str | Path, path: str | Path) -> dict:
+    """Export a saved run to ONNX at ``path`` and check it; returns the check's figures."""
+    return export_onnx(load(run), path)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 KINDS = ("rank", "energy", "ratio")
 
 
@@ -27,14 +29,14 @@ class RankSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"rank spec kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(f"rank spec kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "rank":
             if isinstance(self.value, bool) or not isinstance(self.value, int) or self.value < 1:
-                raise ValueError(f"rank must be an integer >= 1, got {self.value!r}")
+                raise ConfigError(f"rank must be an integer >= 1, got {self.value!r}")
         else:
             ok = isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
             if not ok or not (0.0 < float(self.value) <= 1.0) or math.isnan(float(self.value)):
-                raise ValueError(f"{self.kind} must be a number in (0, 1], got {self.value!r}")
+                raise ConfigError(f"{self.kind} must be a number in (0, 1], got {self.value!r}")
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value}"
@@ -124,7 +126,7 @@ def allocate_ranks(layers: dict[str, tuple[torch.Tensor, tuple[int, int]]], budg
         choices[name] = opts + [(m * n, 0.0, None)]
     least = sum(min(c for c, _, _ in opts) for opts in choices.values())
     if budget < least:
-        raise ValueError(f"ratio too small: even rank 1 in every layer keeps {least:,} "
+        raise ConfigError(f"ratio too small: even rank 1 in every layer keeps {least:,} "
                          f"parameters, above the budget of {budget:,}")
     costs = [c for opts in choices.values() for c, _, _ in opts]
     unit = math.gcd(*costs)

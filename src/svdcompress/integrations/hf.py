@@ -9,7 +9,7 @@ plain Hugging Face model directory is mean-pooled.
 from __future__ import annotations
 
 import json
-import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from ..core.archs import Architecture
+from ..core.compress import compress_
+from ..core.config import SVDConfig
+from ..core.errors import ConfigError, FormatError, require
+from ..core.io import load, save
+from ..core.report import CompressionReport, model_size
+from ..core.runinfo import RunInfo
 
 # Files that describe the model and its tokenizer (copied next to the compressed weights).
 CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
@@ -27,11 +32,8 @@ CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ValueError("Hugging Face models need the extra: pip install 'svdcompress[hf]'") from None
-    transformers.logging.set_verbosity_error()
+    transformers = require("transformers", extra="hf")
+    transformers.logging.set_verbosity_error()  # its load-time chatter is not for our users
     return transformers
 
 
@@ -42,7 +44,7 @@ class SentenceEncoder(nn.Module):
                  max_length: int = 256) -> None:
         super().__init__()
         if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+            raise ConfigError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.encoder, self.pooling, self.normalize, self.max_length = encoder, pooling, normalize, max_length
         self.tokenizer = None  # set by load_encoder; not a module, not saved in the state
 
@@ -59,6 +61,10 @@ class SentenceEncoder(nn.Module):
     def arch_spec(self) -> dict:
         return {"name": "hf-encoder", "pooling": self.pooling, "normalize": self.normalize,
                 "max_length": self.max_length}
+
+    def example_inputs(self, batch: int, device="cpu") -> dict:
+        """Keyword inputs for ``batch`` generated sentences (benchmarks, ONNX export)."""
+        return {k: v.to(device) for k, v in self.tokenize(synthetic_sentences(batch)).items()}
 
     def tokenize(self, texts: list[str]) -> dict:
         return dict(self.tokenizer(texts, padding=True, truncation=True,
@@ -86,7 +92,7 @@ def _pooling_of(path: Path) -> tuple[str, bool, Path, int]:
             if cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not cfg.get("pooling_mode_mean_tokens", True):
-                raise ValueError(f"{path}: only mean or CLS pooling is supported")
+                raise FormatError(f"{path}: only mean or CLS pooling is supported")
         elif kind.endswith("Normalize"):
             normalize = True
     max_length = 256
@@ -100,7 +106,7 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
     """A pretrained encoder from a local sentence-transformers or Hugging Face directory."""
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise ValueError(f"not a Hugging Face model directory (no config.json): {path}")
+        raise FormatError(f"not a Hugging Face model directory (no config.json): {path}")
     tf = _transformers()
     if (path / "modules.json").is_file():
         pooling, normalize, base, max_length = _pooling_of(path)
@@ -110,7 +116,7 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
         encoder = tf.AutoModel.from_pretrained(str(base), local_files_only=True, use_safetensors=True)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the Hugging Face model in {base}: {err}") from None
+        raise FormatError(f"cannot load the Hugging Face model in {base}: {err}") from None
     model = SentenceEncoder(encoder.eval(), pooling, normalize, max_length)
     model.tokenizer = tokenizer
     model.source_dir = base
@@ -126,7 +132,7 @@ def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
         encoder = tf.AutoModel.from_config(config)
         tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot rebuild the Hugging Face model in {directory}: {err}") from None
+        raise FormatError(f"cannot rebuild the Hugging Face model in {directory}: {err}") from None
     model = SentenceEncoder(encoder.eval(), spec.get("pooling", "mean"),
                             bool(spec.get("normalize", True)), int(spec.get("max_length", 256)))
     model.tokenizer = tokenizer
@@ -203,8 +209,6 @@ _WORDS = {
 
 def synthetic_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct, deterministic English sentences (evaluation or calibration text)."""
-    import random
-
     rng = random.Random(seed)
     w = _WORDS
     templates = (
@@ -240,28 +244,17 @@ def read_texts(path: str | Path) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read text file {path}: {err}") from None
+        raise ConfigError(f"cannot read text file {path}: {err}") from None
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
-        raise ValueError(f"text file {path} has no sentences")
+        raise ConfigError(f"text file {path} has no sentences")
     return texts
 
 
-def save_encoder(model: SentenceEncoder, out: str | Path, **kwargs) -> Path:
-    """``io.save`` plus the config and tokenizer files, so ``svdcompress.load(out)`` rebuilds it."""
-    from .io import save
-
-    copy_config(model, out)
-    return save(model, out, **kwargs)
-
-
-def compress_encoder(path: str | Path, config, out: str | Path, calib: str | None = None,
-                     calib_sentences: int = 512):
-    """Load, compress (calibrated on ``calib``, a text file, or generated sentences), save.
-
-    Returns (report, seconds, bytes of weights written)."""
-    from .compress import compress_
-
+def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str | None = None,
+                calib_sentences: int = 512) -> tuple[CompressionReport, float]:
+    """Load a local Hugging Face model, compress it (calibrated on ``calib``, a text file, or
+    generated sentences), save it to ``out``. Returns (report, seconds)."""
     t0 = time.perf_counter()
     model = load_encoder(path)
     batches = None
@@ -270,7 +263,32 @@ def compress_encoder(path: str | Path, config, out: str | Path, calib: str | Non
         batches = text_batches(model, texts)
     report = compress_(model, config, batches, progress=True)
     seconds = time.perf_counter() - t0
-    save_encoder(model, out, config=config,
-                 extra={"source": str(path), "compression": report.to_dict(), "seconds": seconds,
-                        "calibration": calib or f"{calib_sentences} generated sentences"})
-    return report, seconds, file_size(out)
+    save(model, out, config=config, info=RunInfo(
+        source=str(path), compression=report.to_dict(), seconds=seconds, metrics=model_size(model),
+        calibration=calib or f"{calib_sentences} generated sentences"))
+    return report, seconds
+
+
+def eval_embeddings_run(run: str | Path, reference: str | Path, texts: str | None = None,
+                        sentences: int = 3000) -> dict:
+    """A compressed encoder's embeddings against its uncompressed reference, without labels."""
+    if sentences > EVAL_SENTENCES:
+        raise ConfigError(f"sentences must be at most {EVAL_SENTENCES}")
+    model = load(run)
+    if not isinstance(model, SentenceEncoder):
+        raise ConfigError(f"{run} is not a sentence encoder run")
+    ref = load_encoder(reference)
+    text = read_texts(texts) if texts else synthetic_sentences(sentences, seed=0)
+    m = compare_embeddings(model, ref, text)
+    m["params"] = sum(p.numel() for p in model.parameters())
+    m["reference_params"] = sum(p.numel() for p in ref.parameters())
+    m["file_bytes"] = file_size(run)
+    return m
+
+
+def _build(spec: dict, directory: Path) -> SentenceEncoder:
+    return build_encoder(directory, spec)
+
+
+# Found by svdcompress.load through the entry point "hf-encoder" in pyproject.toml.
+ARCHITECTURE = Architecture("hf-encoder", _build, copy_config)

@@ -10,123 +10,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .claims import CLOSE, mean_accuracy
-from .compress import compress_
-from .config import SVDConfig
+from ..core.compress import compress_
+from ..core.config import SVDConfig
+from ..core.files import write_json
+from ..core.io import save
+from ..core.report import model_size
+from ..core.runinfo import DataInfo, RunInfo
+from ..core.swap import project_, unproject_
+from .claims import CLOSE, claims, mean_accuracy
 from .data import Dataset, load_dataset
-from .io import load, read_meta, save, write_json
-from .models import MLP
-from .swap import candidate_modules, output_layer_name, project_, unproject_
+from .report import write_report
+from .runs import calibration_batches, sweep, train_baseline
 from .train import TrainConfig, evaluate, train
 
 STUDY_RANKS = (10, 20, 50, 100, 200, None)  # None: the full, uncompressed network
-
-
-def model_size(model: nn.Module) -> dict:
-    """Parameters and bytes of every tensor the model holds (what a checkpoint stores)."""
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"params": params, "bytes": nbytes}
-
-
-def check_rank_fits(model: nn.Module, config: SVDConfig) -> None:
-    """A fixed rank above every target layer's size is a user error, not a silent clamp."""
-    if config.rank is None:
-        return
-    output = output_layer_name(model) if config.skip_output_layer else None
-    sizes = [min(m.weight.shape[0], m.weight[0].numel())
-             for name, m in candidate_modules(model, config.target_modules, config.exclude_modules)
-             if name != output]
-    if not sizes:
-        raise ValueError("no layer of the model matches the target modules")
-    if config.rank > max(sizes):
-        raise ValueError(f"rank {config.rank} is above every target layer's size "
-                         f"(the largest allows {max(sizes)})")
-
-
-def run_dataset(meta: dict, data: str | None = None) -> Dataset:
-    """The dataset a run was trained on (or ``data`` when given), with the same subset."""
-    info = meta.get("data") or {}
-    name = data or info.get("name")
-    if not name:
-        raise ValueError("the run does not record its dataset: pass --data")
-    return load_dataset(name, limit_train=info.get("limit_train") if not data else None)
-
-
-def train_baseline(data: Dataset, cfg: TrainConfig, hidden=(1024,) * 5, *, out=None,
-                   resume=False, progress=True, limit_train=None) -> tuple[MLP, list]:
-    """The reference MLP trained from a seeded initialisation; saved to ``out`` if given."""
-    torch.manual_seed(cfg.seed)
-    model = MLP(data.in_features, list(hidden), 10)
-    history = train(model, data, cfg, checkpoint_dir=out, resume=resume, progress=progress,
-                    desc="baseline")
-    if out is not None:
-        save(model.cpu(), out, extra=run_extra(data, cfg, history, model, limit_train))
-    return model, history
-
-
-def run_extra(data: Dataset, cfg: TrainConfig, history: list, model: nn.Module,
-              limit_train=None) -> dict:
-    metrics = evaluate(model, data.x_test.to(next(model.parameters()).device),
-                       data.y_test.to(next(model.parameters()).device))
-    return {"data": {"name": data.name, "limit_train": limit_train, "mean": data.mean,
-                     "std": data.std},
-            "train": {**cfg.__dict__}, "history": history, "metrics": {**metrics, **model_size(model)}}
-
-
-def continue_training(init: str | Path, cfg: TrainConfig, out: str | Path, *, data=None,
-                      project_rank: int | None = None, projection: str = "subspace",
-                      resume=False, progress=True) -> list:
-    """Train a saved run further into ``out``; with ``project_rank``, as dynamic SVD training
-    (the run then holds the final rank-D factors, its checkpoint the full W)."""
-    meta = read_meta(init)
-    model = load(init)
-    dataset = run_dataset(meta, data)
-    if project_rank is not None:
-        check_rank_fits(model, SVDConfig(rank=project_rank))
-        project_(model, project_rank, method=projection)
-    history = train(model, dataset, cfg, checkpoint_dir=out, resume=resume, progress=progress,
-                    desc="dynamic" if project_rank else "train")
-    model.cpu()
-    if project_rank is not None:
-        unproject_(model)
-    metrics = {**evaluate(model, dataset.x_test, dataset.y_test), **model_size(model)}
-    save(model, out, config=SVDConfig(rank=project_rank) if project_rank else None,
-         extra={"data": meta.get("data"), "source": str(init), "history": history,
-                "train": cfg.__dict__, "metrics": metrics,
-                "projection": {"rank": project_rank, "method": projection} if project_rank else None})
-    return history
-
-
-def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int = 0) -> list:
-    """``n`` random batches of the training split (never the test split) for whitening."""
-    if n < 1:
-        raise ValueError(f"calibration batches must be >= 1, got {n}")
-    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
-    return [data.x_train[order[i:i + batch_size]]
-            for i in range(0, min(n * batch_size, len(order)), batch_size)]
-
-
-def sweep(base: nn.Module, data: Dataset, ranks=STUDY_RANKS, progress=True,
-          method: str = "plain", calib_batches: int = 64, sequential: bool = True) -> list[dict]:
-    """Accuracy and size of the base network truncated at each rank (None: uncompressed)."""
-    base = base.cpu()
-    dense = model_size(base)
-    calib = calibration_batches(data, calib_batches) if method == "whiten" else None
-    rows = []
-    for rank in ranks:
-        model = copy.deepcopy(base)
-        if rank is not None:
-            compress_(model, SVDConfig(rank=rank, method=method, sequential=sequential), calib)
-        row = {"rank": rank if rank is not None else "full", **evaluate(model, data.x_test, data.y_test),
-               **model_size(model)}
-        row["compression"] = dense["params"] / row["params"]
-        row["method"] = method
-        rows.append(row)
-        if progress:
-            print(f"  {method} D={row['rank']:>4}: accuracy {row['accuracy']:.4f}, "
-                  f"{row['params']:,} parameters ({row['compression']:.1f}x smaller)")
-    return rows
 
 
 def spectra(model: nn.Module) -> dict[str, list[float]]:
@@ -155,7 +52,7 @@ def global_vs_uniform(base: nn.Module, data: Dataset, rank: int, calib) -> list[
     for method in ("plain", "whiten"):
         uniform = copy.deepcopy(base).cpu()
         rep_u = compress_(uniform, SVDConfig(rank=rank, method=method), calib)
-        layers = [r for r in rep_u.layers if r.note not in ("output layer", "grouped conv")]
+        layers = rep_u.considered()
         weights = sum(r.shape[0] * r.shape[1] for r in layers)
         kept = sum(r.rank * sum(r.shape) if r.rank else r.shape[0] * r.shape[1] for r in layers)
         glob = copy.deepcopy(base).cpu()  # the same share of weights, placed where it helps most
@@ -163,7 +60,7 @@ def global_vs_uniform(base: nn.Module, data: Dataset, rank: int, calib) -> list[
         for name, model, rep in (("uniform", uniform, rep_u), ("global", glob, rep_g)):
             rows.append({"method": method, "allocation": name, "weight_ratio": kept / weights,
                          **evaluate(model, data.x_test, data.y_test), **model_size(model),
-                         "ranks": {r.name: r.rank for r in rep.layers if r.note != "output layer"}})
+                         "ranks": {r.name: r.rank for r in rep.considered()}})
     return rows
 
 
@@ -192,9 +89,6 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
               hidden=(1024,) * 5, dynamic=True, calib_batches=64, device="auto",
               progress=True) -> dict:
     """The whole study into ``out``: results.json, report.md and figures; runs under out/runs."""
-    from .claims import claims
-    from .report import write_report
-
     out = Path(out)
     limit = QUICK["limit_train"] if quick else None
     if quick:
@@ -239,13 +133,13 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
             for s in seeds[1:]:
                 ft_runs.append(finetune_factors(base, data, ft_rank, ft_cfg(s), progress=progress))
                 dyn_runs.append(dynamic_training(base, data, ft_rank, ft_cfg(s), progress=progress))
-    extra = {"data": {"name": data.name, "limit_train": limit}}
+    data_info = DataInfo(data.name, limit)
     for name, runs in (("ft", ft_runs), ("dyn", dyn_runs)):
         for r in runs:
             model = r.pop("model")
             if r["seed"] == seed:
                 save(model, out / "runs" / f"d{ft_rank}-{name}", config=SVDConfig(rank=ft_rank),
-                     extra={**extra, "history": r["history"]})
+                     info=RunInfo(data=data_info, history=r["history"]))
     timings["finetune_and_dynamic"] = time.perf_counter() - t0
 
     results = {

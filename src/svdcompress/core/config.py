@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
+from .errors import ConfigError
 from .rank import RankSpec
 
 
 
-def _normalise_pattern(field: str, value):
+def _normalize_pattern(field: str, value):
     """A regex string (re.fullmatch on the module's full name) or a list of name suffixes."""
     if value is None:
         return None
@@ -17,11 +18,11 @@ def _normalise_pattern(field: str, value):
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"{field} is not a valid regular expression: {err}") from None
+            raise ConfigError(f"{field} is not a valid regular expression: {err}") from None
         return value
     if isinstance(value, (list, tuple)) and all(isinstance(s, str) and s for s in value):
         return tuple(value)
-    raise ValueError(f"{field} must be a regex string or a list of non-empty name suffixes, "
+    raise ConfigError(f"{field} must be a regex string or a list of non-empty name suffixes, "
                      f"got {value!r}")
 
 
@@ -68,30 +69,30 @@ class SVDConfig:
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("SVDConfig needs exactly one of rank, energy or ratio, "
+            raise ConfigError("SVDConfig needs exactly one of rank, energy or ratio, "
                              f"got {given or 'none'}")
         self.spec  # validates the value, naming the field
         for name in ("target_modules", "exclude_modules"):
-            object.__setattr__(self, name, _normalise_pattern(name, getattr(self, name)))
+            object.__setattr__(self, name, _normalize_pattern(name, getattr(self, name)))
         for name in ("skip_output_layer", "sequential"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.method not in ("plain", "whiten"):
-            raise ValueError(f"method must be 'plain' or 'whiten', got {self.method!r}")
+            raise ConfigError(f"method must be 'plain' or 'whiten', got {self.method!r}")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) \
                 or not self.damping >= 0:
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+            raise ConfigError(f"damping must be a number >= 0, got {self.damping!r}")
         if self.allocation not in ("uniform", "global"):
-            raise ValueError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
+            raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if self.allocation == "global" and self.ratio is None:
-            raise ValueError("allocation='global' needs ratio (the share of parameters to keep)")
+            raise ConfigError("allocation='global' needs ratio (the share of parameters to keep)")
         if self.round_to is not None and (isinstance(self.round_to, bool) or
                                           not isinstance(self.round_to, int) or self.round_to < 1):
-            raise ValueError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+            raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if self.min_speedup is not None and (isinstance(self.min_speedup, bool) or
                                              not isinstance(self.min_speedup, (int, float)) or
                                              not self.min_speedup >= 1):
-            raise ValueError(f"min_speedup must be a number >= 1, got {self.min_speedup!r}")
+            raise ConfigError(f"min_speedup must be a number >= 1, got {self.min_speedup!r}")
 
     @property
     def spec(self) -> RankSpec:
@@ -110,9 +111,9 @@ class SVDConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SVDConfig":
         if not isinstance(d, dict):
-            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"config has unknown fields: {', '.join(unknown)}")
+            raise ConfigError(f"config has unknown fields: {', '.join(unknown)}")
         return cls(**d)

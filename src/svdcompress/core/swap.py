@@ -7,9 +7,10 @@ from typing import Iterator
 
 from torch import nn
 
-from .layers import LOW_RANK_TYPES, ProjectedLinear
-
-DENSE_TYPES = (nn.Linear, nn.Conv2d)
+from .errors import ConfigError
+from .kinds import LayerKind, any_kind, dense_kind, low_rank_kind
+from .layers import check_rank
+from .projection import ProjectedLinear
 
 
 def name_matches(name: str, pattern) -> bool:
@@ -20,25 +21,35 @@ def name_matches(name: str, pattern) -> bool:
 
 
 def output_layer_name(model: nn.Module) -> str | None:
-    """The network's output layer: its last Linear/Conv2d (or low-rank one) in module order."""
+    """The network's output layer: its last layer of a registered kind, in module order."""
     last = None
     for name, module in model.named_modules():
-        if isinstance(module, DENSE_TYPES + LOW_RANK_TYPES):
+        if any_kind(module) is not None:
             last = name
     return last
 
 
+def _has_matrix_weight(module: nn.Module) -> bool:
+    w = module._parameters.get("weight")
+    return w is not None and w.dim() >= 2
+
+
 def candidate_modules(model: nn.Module, target_modules=None,
-                      exclude_modules=None) -> Iterator[tuple[str, nn.Module]]:
-    """Dense Linear/Conv2d sub-modules whose full name passes the include/exclude filters."""
+                      exclude_modules=None) -> Iterator[tuple[str, nn.Module, LayerKind | None]]:
+    """(name, module, kind) of every module whose full name passes the include/exclude filters
+    and that is either of a registered dense kind or holds a matrix weight of a type no kind
+    claims (kind None: the caller reports it as unsupported)."""
     for name, module in model.named_modules():
-        if not name or not isinstance(module, DENSE_TYPES) or isinstance(module, ProjectedLinear):
+        if not name or low_rank_kind(module) is not None:
             continue  # the root itself cannot be replaced in place
+        kind = dense_kind(module)
+        if kind is None and not _has_matrix_weight(module):
+            continue
         if target_modules is not None and not name_matches(name, target_modules):
             continue
         if exclude_modules is not None and name_matches(name, exclude_modules):
             continue
-        yield name, module
+        yield name, module, kind
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -52,14 +63,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 def low_rank_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every layer that svdcompress put in: low-rank (two factors) or projected."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, LOW_RANK_TYPES + (ProjectedLinear,))]
+    return [(n, m) for n, m in model.named_modules() if low_rank_kind(m) is not None]
 
 
 def densify_(model: nn.Module) -> nn.Module:
     """Undo compression in place: every low-rank layer becomes a dense one holding u @ v."""
-    for name, module in model.named_modules():
-        if isinstance(module, LOW_RANK_TYPES):
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "to_dense") and low_rank_kind(module) is not None:
             replace_module(model, name, module.to_dense())
     return model
 
@@ -73,18 +83,17 @@ def project_(model: nn.Module, rank: int, *, method: str = "subspace", target_mo
     gradient. ``options`` go to ProjectedLinear (oversample, max_iters, tol, refresh_every).
     Returns the names of the projected layers.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    check_rank(rank)
     output = output_layer_name(model) if skip_output_layer else None
     names = []
-    for name, module in list(candidate_modules(model, target_modules, exclude_modules)):
+    for name, module, _ in list(candidate_modules(model, target_modules, exclude_modules)):
         if name == output or not isinstance(module, nn.Linear):
             continue
         d = min(rank, module.in_features, module.out_features)
         replace_module(model, name, ProjectedLinear.from_linear(module, d, method=method, **options))
         names.append(name)
     if not names:
-        raise ValueError("project_ found no Linear layer to project (check the module filters)")
+        raise ConfigError("project_ found no Linear layer to project (check the module filters)")
     return names
 
 

@@ -10,33 +10,27 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .layers import LowRankConv2d, LowRankLinear
-from .swap import densify_
+from ..core.errors import ConfigError
+from ..core.files import write_json
+from ..core.io import load
+from ..core.kinds import any_kind
+from ..core.swap import densify_
 
 
 def count_macs(model: nn.Module, inputs: dict) -> int:
-    """Multiply-adds of the model's Linear, Conv2d and low-rank layers on ``inputs``."""
+    """Multiply-adds of every layer of a registered kind (dense or low-rank) on ``inputs``."""
     total = 0
 
     def hook(module, args, out):
         nonlocal total
-        rows = out.numel() // out.shape[-1] if out.dim() else 1
-        if isinstance(module, nn.Linear):
-            total += rows * module.in_features * module.out_features
-        elif isinstance(module, LowRankLinear):
-            total += rows * module.rank * (module.in_features + module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            total += out.numel() * module.weight[0].numel()
-        elif isinstance(module, LowRankConv2d):
-            pixels = out.numel() // out.shape[1]
-            total += pixels * module.rank * (module.v[0].numel() + module.out_channels)
+        total += any_kind(module).macs(module, out)
 
-    kinds = (nn.Linear, nn.Conv2d, LowRankLinear, LowRankConv2d)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if any_kind(m) is not None]
     try:
         with torch.no_grad():
             model(**inputs)
@@ -63,12 +57,12 @@ def latency(model: nn.Module, inputs: dict, repeats: int = 30, warmup: int = 5) 
     return statistics.median(times)
 
 
-def example_inputs(model: nn.Module, batch: int, device) -> dict:
-    """Inputs for a built-in MLP (random features) or an HF encoder (generated sentences)."""
-    if hasattr(model, "tokenize"):
-        from .hf import synthetic_sentences
-        return {k: v.to(device) for k, v in model.tokenize(synthetic_sentences(batch)).items()}
-    return {"x": torch.randn(batch, model.in_features, device=device)}
+def example_inputs(model: nn.Module, batch: int, device="cpu") -> dict:
+    """The model's own example inputs (``model.example_inputs(batch, device)``)."""
+    if not hasattr(model, "example_inputs"):
+        raise ConfigError(f"{type(model).__name__} has no example_inputs(batch, device): "
+                          "cannot make inputs to benchmark it")
+    return model.example_inputs(batch, device)
 
 
 def benchmark(model: nn.Module, batches=(1, 32, 256), threads: int | None = None,
@@ -96,3 +90,14 @@ def benchmark(model: nn.Module, batches=(1, 32, 256), threads: int | None = None
     model.to("cpu")
     return {"threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__,
             "rows": rows}
+
+
+def bench_run(run: str | Path, batches=(1, 32, 256), threads: int | None = None,
+              repeats: int = 30, out: str | Path | None = None) -> tuple[dict, Path]:
+    """Benchmark a saved run against its dense original; the figures go to ``out`` (JSON)."""
+    if threads is not None and threads < 1:
+        raise ConfigError("threads must be at least 1")
+    result = {"run": str(run), **benchmark(load(run), batches, threads, repeats)}
+    out = Path(out) if out is not None else Path(run) / "bench.json"
+    write_json(out, result)
+    return result, out

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .errors import ConfigError
+from .kinds import dense_kind
 
 
 class _Stop(Exception):
@@ -21,13 +23,10 @@ class _Stop(Exception):
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows the layer's weight matrix multiplies: (N, in) or (N, in * kh * kw)."""
-    if isinstance(module, nn.Conv2d):
-        # pad explicitly as the conv would (any padding mode, also padding="same")
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        cols = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
+    kind = dense_kind(module)
+    if kind is None:
+        raise TypeError(f"no layer kind for {type(module).__name__}")
+    return kind.inputs(module, x)
 
 
 class SecondMoments:
@@ -44,7 +43,7 @@ class SecondMoments:
 
     def mean(self) -> torch.Tensor:
         if self.count == 0:
-            raise ValueError("no calibration inputs reached this layer")
+            raise ConfigError("no calibration inputs reached this layer")
         return self.sum / self.count
 
 
@@ -79,7 +78,7 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
         model.train(was_training)
     missing = [n for n, s in stats.items() if s is None]
     if missing:
-        raise ValueError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
+        raise ConfigError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
     return {name: s.mean() for name, s in stats.items()}
 
 
@@ -137,5 +136,5 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
         handle.remove()
         compressed.train(was)
     if count == 0:
-        raise ValueError(f"no calibration inputs reached layer {name}")
+        raise ConfigError(f"no calibration inputs reached layer {name}")
     return gram / count, cross / count

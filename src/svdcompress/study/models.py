@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from ..core.archs import Architecture
 
 
 class MLP(nn.Module):
@@ -26,6 +30,10 @@ class MLP(nn.Module):
         for layer in self.hidden:
             x = torch.relu(layer(x))
         return self.out(x)
+
+    def example_inputs(self, batch: int, device="cpu") -> dict:
+        """Random inputs of the right shape (benchmarks, ONNX export)."""
+        return {"x": torch.randn(batch, self.in_features, device=device)}
 
     def arch_spec(self) -> dict:
         """What ``build_model`` needs to rebuild this network (its dense shape)."""
@@ -51,3 +59,11 @@ def build_model(spec: dict) -> nn.Module:
     for i, h in enumerate(hidden):
         _positive_int({f"hidden[{i}]": h}, f"hidden[{i}]")
     return MLP(_positive_int(spec, "in_features"), hidden, _positive_int(spec, "num_classes"))
+
+
+def _build(spec: dict, directory: Path) -> nn.Module:
+    return build_model(spec)
+
+
+# Found by svdcompress.load through the entry point "mlp" in pyproject.toml.
+ARCHITECTURE = Architecture("mlp", _build)

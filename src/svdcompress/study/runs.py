@@ -1,0 +1,160 @@
+"""Run-level workflows on run directories, what each CLI command calls: train a baseline,
+continue training (fine-tuning or dynamic SVD training), compress, evaluate, sweep.
+
+Each reads its source run, does one job and writes one run directory whose
+svdcompress.json carries a ``RunInfo`` (data, source, config, history, metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.compress import check_rank_fits, compress_
+from ..core.config import SVDConfig
+from ..core.files import write_json
+from ..core.io import load, read_config, read_info, read_meta, save
+from ..core.report import CompressionReport, model_size
+from ..core.runinfo import DataInfo, RunInfo
+from ..core.errors import ConfigError
+from ..core.swap import project_, unproject_
+from .data import Dataset, load_dataset
+from .models import MLP
+from .train import TrainConfig, evaluate, train
+
+
+def run_dataset(source: str | Path, data: str | None = None) -> Dataset:
+    """The dataset a run was trained on (or ``data`` when given), with the same subset."""
+    info = read_info(source).data
+    if data is None and info is None:
+        raise ConfigError(f"the run {source} does not record its dataset: pass --data")
+    if data is not None:
+        return load_dataset(data)
+    return load_dataset(info.name, limit_train=info.limit_train)
+
+
+def _metrics(model: nn.Module, data: Dataset) -> dict:
+    device = next(model.parameters()).device
+    return {**evaluate(model, data.x_test.to(device), data.y_test.to(device)), **model_size(model)}
+
+
+def train_baseline(data: Dataset, cfg: TrainConfig, hidden=(1024,) * 5, *, out=None,
+                   resume=False, progress=True, limit_train=None) -> tuple[MLP, list]:
+    """The reference MLP trained from a seeded initialisation; saved to ``out`` if given."""
+    torch.manual_seed(cfg.seed)
+    model = MLP(data.in_features, list(hidden), 10)
+    history = train(model, data, cfg, checkpoint_dir=out, resume=resume, progress=progress,
+                    desc="baseline")
+    if out is not None:
+        info = RunInfo(data=DataInfo(data.name, limit_train, data.mean, data.std),
+                       train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, data))
+        save(model.cpu(), out, info=info)
+    return model, history
+
+
+def train_run(data: str, cfg: TrainConfig, out: str | Path, hidden=(1024,) * 5, *,
+              limit_train: int | None = None, resume=False, progress=True) -> list:
+    """Train the reference MLP on a named dataset or MNIST directory into the run ``out``."""
+    dataset = load_dataset(data, limit_train=limit_train)
+    return train_baseline(dataset, cfg, hidden, out=out, resume=resume, progress=progress,
+                          limit_train=limit_train)[1]
+
+
+def continue_training(source: str | Path, cfg: TrainConfig, out: str | Path, *, data=None,
+                      project_rank: int | None = None, projection: str = "subspace",
+                      resume=False, progress=True) -> list:
+    """Train a saved run further into ``out``: fine-tuning (a compressed run keeps its
+    factors and its config), or with ``project_rank`` dynamic SVD training (the run then
+    holds the final rank-D factors, its checkpoint the full W)."""
+    meta = read_meta(source)
+    model = load(source)
+    dataset = run_dataset(source, data)
+    config = read_config(meta)
+    if project_rank is not None:
+        config = SVDConfig(rank=project_rank)
+        check_rank_fits(model, config)
+        project_(model, project_rank, method=projection)
+    desc = "dynamic" if project_rank else ("finetune" if meta["layers"] else "train")
+    history = train(model, dataset, cfg, checkpoint_dir=out, resume=resume, progress=progress,
+                    desc=desc)
+    model.cpu()
+    if project_rank is not None:
+        unproject_(model)
+    info = RunInfo(data=read_info(source).data if data is None else DataInfo(data), source=str(source),
+                   train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, dataset),
+                   projection={"rank": project_rank, "method": projection} if project_rank else None)
+    save(model, out, config=config, info=info)
+    return history
+
+
+def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int = 0) -> list:
+    """``n`` random batches of the training split (never the test split) for whitening."""
+    if n < 1:
+        raise ConfigError(f"calibration batches must be >= 1, got {n}")
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    return [data.x_train[order[i:i + batch_size]]
+            for i in range(0, min(n * batch_size, len(order)), batch_size)]
+
+
+def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data=None,
+                 calib_batches: int = 64, progress=True) -> CompressionReport:
+    """Load a run, compress it (calibrated on its training data for whitening), save to ``out``."""
+    model = load(source)
+    check_rank_fits(model, config)
+    dataset = None
+    calib = None
+    if config.method == "whiten" or data is not None:
+        dataset = run_dataset(source, data)
+    if config.method == "whiten":
+        calib = calibration_batches(dataset, calib_batches)
+    report = compress_(model, config, calib, progress=progress)
+    info = RunInfo(data=read_info(source).data if data is None else DataInfo(data),
+                   source=str(source), compression=report.to_dict(), metrics=model_size(model),
+                   calibration=f"{calib_batches} training batches of 128" if calib else None)
+    save(model, out, config=config, info=info)
+    return report
+
+
+def eval_run(run: str | Path, data: str | None = None) -> dict:
+    """Test accuracy, loss, parameters and bytes of a run (on its own dataset by default)."""
+    model = load(run)
+    dataset = run_dataset(run, data)
+    return {**_metrics(model, dataset), "data": dataset.name}
+
+
+def sweep(base: nn.Module, data: Dataset, ranks, progress=True, method: str = "plain",
+          calib_batches: int = 64, sequential: bool = True) -> list[dict]:
+    """Accuracy and size of the base network truncated at each rank (None: uncompressed)."""
+    base = base.cpu()
+    dense = model_size(base)
+    calib = calibration_batches(data, calib_batches) if method == "whiten" else None
+    rows = []
+    for rank in ranks:
+        model = copy.deepcopy(base)
+        if rank is not None:
+            compress_(model, SVDConfig(rank=rank, method=method, sequential=sequential), calib)
+        row = {"rank": rank if rank is not None else "full", **evaluate(model, data.x_test, data.y_test),
+               **model_size(model)}
+        row["compression"] = dense["params"] / row["params"]
+        row["method"] = method
+        rows.append(row)
+        if progress:
+            print(f"  {method} D={row['rank']:>4}: accuracy {row['accuracy']:.4f}, "
+                  f"{row['params']:,} parameters ({row['compression']:.1f}x smaller)")
+    return rows
+
+
+def sweep_run(run: str | Path, ranks, methods=("plain", "whiten"), *, data=None,
+              calib_batches: int = 64, out: str | Path | None = None) -> tuple[dict, Path]:
+    """Sweep a run's truncation rank for each method; the table goes to ``out`` (JSON)."""
+    base = load(run)
+    dataset = run_dataset(run, data)
+    table = {m: sweep(base, dataset, ranks, progress=False, method=m, calib_batches=calib_batches)
+             for m in methods}
+    out = Path(out) if out is not None else Path(run) / "results.json"
+    write_json(out, {"run": str(run), "data": dataset.name, "sweep": table.get("plain"),
+                     "sweep_whiten": table.get("whiten")})
+    return table, out
