@@ -8,6 +8,7 @@ from torch import nn
 import svdcompress as sc
 from svdcompress.study import MLP
 from svdcompress import FormatError, read_meta
+from svdcompress.core.files import sha256_file
 from tests.conftest import ToyNet
 
 
@@ -100,19 +101,31 @@ def test_json_that_is_not_json(tmp_path):
         sc.load(tmp_path, model=ToyNet())
 
 
+def rehash(run):
+    """Record the current files' hashes, as a run written wrongly but consistently would."""
+    edit_meta(run, lambda m: m.update(files={
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in run.iterdir() if p.name != "svdcompress.json"}))
+
+
 def test_tampered_safetensors(tmp_path):
     compressed_toy(tmp_path)
     path = tmp_path / "model.safetensors"
     tensors = load_file(path)
     tensors["extra"] = torch.zeros(1)
     save_file(tensors, path)
+    with pytest.raises(FormatError, match="model.safetensors does not match the hash"):
+        sc.load(tmp_path, model=ToyNet())
+    rehash(tmp_path)
     with pytest.raises(FormatError, match="unexpected tensor"):
         sc.load(tmp_path, model=ToyNet())
     del tensors["extra"], tensors["mlp.0.u"]
     save_file(tensors, path)
+    rehash(tmp_path)
     with pytest.raises(FormatError, match="lacks 1 tensor"):
         sc.load(tmp_path, model=ToyNet())
     path.write_bytes(b"garbage" * 10)
+    rehash(tmp_path)
     with pytest.raises(FormatError, match="cannot read"):
         sc.load(tmp_path, model=ToyNet())
 

@@ -36,9 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_info(args) -> None:
-    meta = read_meta(args.run)
+    meta = read_meta(args.run)  # checks every file against its hash
     if meta.get("architecture") is not None:
-        load(args.run)  # checks every tensor against the recorded shapes
+        load(args.run)  # and every tensor against the recorded shapes
     print(f"run: {args.run}  (format_version {meta['format_version']})")
     if meta.get("architecture"):
         print(f"architecture: {meta['architecture']}")
@@ -104,18 +104,21 @@ def cmd_train(args) -> None:
         if args.data is None:
             raise UsageError("the following arguments are required: --data (or --init RUN)")
         history = train_run(args.data, train_config(args), args.out, [args.width] * args.depth,
-                            limit_train=args.limit_train, resume=args.resume, progress=not args.quiet)
+                            limit_train=args.limit_train, resume=args.resume,
+                            overwrite=args.overwrite, progress=not args.quiet)
     else:
         history = continue_training(args.init, train_config(args), args.out, data=args.data,
                                     project_rank=args.project_rank, projection=args.projection,
-                                    resume=args.resume, progress=not args.quiet)
+                                    resume=args.resume, overwrite=args.overwrite,
+                                    progress=not args.quiet)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
 
 
 def cmd_finetune(args) -> None:
     history = continue_training(args.run, train_config(args), args.out, data=args.data,
-                                resume=args.resume, progress=not args.quiet)
+                                resume=args.resume, overwrite=args.overwrite,
+                                progress=not args.quiet)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
 
@@ -145,12 +148,12 @@ def cmd_compress(args) -> None:
         raise UsageError("give exactly one of RUN or --hf PATH")
     if args.hf is not None:
         report, seconds = compress_hf(args.hf, svd_config(args), args.out, calib=args.calib,
-                                      calib_sentences=args.calib_sentences)
+                                      calib_sentences=args.calib_sentences, overwrite=args.overwrite)
         print(report)
         print(f"saved {args.out} in {seconds:.1f} s")
         return
     print(compress_run(args.run, svd_config(args), args.out, data=args.data,
-                       calib_batches=args.calib_batches))
+                       calib_batches=args.calib_batches, overwrite=args.overwrite))
     print(f"saved {args.out}")
 
 
@@ -194,7 +197,9 @@ def add_train_args(s, epochs: int, lr: float) -> None:
     s.add_argument("--batch-size", type=positive_int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run (its "
+                   "checkpoint in OUT.partial) or a finished one (OUT/checkpoint.safetensors)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -267,6 +272,7 @@ def build_parser() -> Parser:
                    "needs this many times fewer multiply-adds")
     s.add_argument("--data", help="dataset for calibration (default: the run's)")
     s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=cmd_compress)
 
     s = sub.add_parser("finetune", help="train a compressed run's factors further")

@@ -79,40 +79,51 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     missing = [n for n, s in stats.items() if s is None]
     if missing:
         raise ConfigError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
-    return {name: s.mean() for name, s in stats.items()}
+    return {name: _finite(name, s.mean()) for name, s in stats.items()}
 
 
 @torch.no_grad()
 def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
-                  forward: Callable) -> dict[str, list[torch.Tensor]]:
-    """Each named module's input rows, batch by batch (float32), from one pass of ``model``."""
-    rows: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, name=name: rows[name].append(layer_inputs(mod, args[0]).detach().float()))
-        for name, m in modules.items()]
+                  forward: Callable) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Each named module's input rows from one pass of ``model``, batch by batch (float32):
+    (rows of every call in that batch's forward pass, in call order; the number of calls).
+    A module called several times per forward pass (shared, or reused) gets all its calls."""
+    rows: dict[str, list[list[torch.Tensor]]] = {name: [] for name in modules}
+
+    def hook(mod, args, name):
+        rows[name][-1].append(layer_inputs(mod, args[0]).detach().float())
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
+               for name, m in modules.items()]
     was = model.training
     model.eval()
     try:
         for batch in batches:
+            for calls in rows.values():
+                calls.append([])
             forward(model, batch)
     finally:
         for h in handles:
             h.remove()
         model.train(was)
-    return rows
+    return {name: [(torch.cat(c) if c else torch.zeros(0, 0), len(c)) for c in calls]
+            for name, calls in rows.items()}
 
 
 @torch.no_grad()
 def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward: Callable,
-                   original_rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                   original_rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """For layer ``name``: (E[x' x'^T], E[x x'^T]), x' its input in ``compressed`` (whose
     earlier layers are already factorised) and x its input in the original network
-    (``original_rows``, batch by batch from ``record_inputs``). Each pass stops at the layer."""
-    seen: dict[str, torch.Tensor] = {}
+    (``original_rows``, batch by batch from ``record_inputs``). Each pass stops once the
+    layer has been called as often as in the original pass, so rows pair call by call."""
+    seen: list[torch.Tensor] = []
+    want = 0
 
     def grab(module, args):
-        seen["y"] = layer_inputs(module, args[0]).detach().to(torch.float64)
-        raise _Stop
+        seen.append(layer_inputs(module, args[0]).detach().to(torch.float64))
+        if len(seen) == want:
+            raise _Stop
 
     handle = compressed.get_submodule(name).register_forward_pre_hook(grab)
     was = compressed.training
@@ -120,12 +131,21 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
     gram = cross = None
     count = 0
     try:
-        for batch, x in zip(batches, original_rows):
+        for batch, (x, calls) in zip(batches, original_rows):
+            if calls == 0:
+                continue
+            seen.clear()
+            want = calls
             try:
                 forward(compressed, batch)
             except _Stop:
                 pass
-            y, x = seen["y"], x.to(torch.float64)
+            y = torch.cat(seen) if seen else torch.zeros(0, 0, dtype=torch.float64)
+            if len(seen) != calls or y.shape != x.shape:
+                raise ConfigError(f"layer {name!r} ran {calls} time(s) per batch in the original "
+                                  f"network but {len(seen)} in the compressed one: its inputs cannot be "
+                                  "paired; compress with sequential=False (--calibration parallel)")
+            x = x.to(torch.float64)
             if gram is None:
                 gram, cross = y.T @ y, x.T @ y
             else:
@@ -137,4 +157,10 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
         compressed.train(was)
     if count == 0:
         raise ConfigError(f"no calibration inputs reached layer {name}")
-    return gram / count, cross / count
+    return _finite(name, gram / count), cross / count
+
+
+def _finite(name: str, stat: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(stat).all():
+        raise ConfigError(f"the calibration inputs of layer {name!r} are not finite (NaN or Inf)")
+    return stat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from .config import SVDConfig
@@ -14,7 +15,7 @@ from .kinds import LayerKind
 from .rank import (allocate_ranks, choose_rank, factorized_params, round_rank, saves_parameters,
                    truncation_error)
 from .report import CompressionReport, KeepDense, LayerReport
-from .swap import candidate_modules, output_layer_name, replace_module
+from .swap import candidate_modules, output_layer_name, replace_module, shared_weights
 
 
 def _dense_report(name: str, module: nn.Module, kind: str, shape, reason: KeepDense,
@@ -58,6 +59,20 @@ def check_rank_fits(model: nn.Module, config: SVDConfig) -> None:
                           f"(the largest allows {max(sizes)})")
 
 
+def _batches(calibration) -> list:
+    """Calibration batches as a list: several passes read them, so a one-shot iterator (a
+    generator, a DataLoader iterator) is read once, here."""
+    if calibration is None:
+        raise ConfigError("method='whiten' needs calibration batches")
+    if isinstance(calibration, (torch.Tensor, dict, str, bytes)) or not isinstance(calibration, Iterable):
+        raise ConfigError("calibration must be an iterable of batches (a list of tensors, "
+                          f"tuples or dicts), got {type(calibration).__name__}")
+    batches = list(calibration)
+    if not batches:
+        raise ConfigError("calibration has no batches")
+    return batches
+
+
 def _run_batch(model: nn.Module, batch) -> None:
     """A calibration batch is a tensor, a tuple of positional inputs, or a dict of keywords."""
     if isinstance(batch, dict):
@@ -75,16 +90,16 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     A layer stays dense (and the report says why) when it is the output layer and
     ``config.skip_output_layer`` is set, when it is a grouped convolution, or when its
     factorisation at the chosen rank would not save parameters (D * (m + n) >= m * n).
-    ``calibration`` (needed by method="whiten") is a re-iterable of model inputs: tensors,
+    ``calibration`` (needed by method="whiten") is any iterable of model inputs (read once): tensors,
     tuples of positional inputs, or dicts of keyword inputs. With whitening, the report's
     rel_error is the relative output error on the calibration inputs.
     """
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
     whiten = config.method == "whiten"
-    if whiten and calibration is None:
-        raise ConfigError("method='whiten' needs calibration batches")
+    calibration = _batches(calibration) if whiten else None
     output = output_layer_name(model) if config.skip_output_layer else None
+    shared = shared_weights(model)
     report = CompressionReport()
     eligible = []  # (name, module, kind, matrix)
     for name, module, kind in list(candidate_modules(model, config.target_modules,
@@ -97,10 +112,18 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
             continue
         matrix = kind.matrix(module)
         reason = KeepDense.OUTPUT_LAYER if name == output else kind.why_dense(module)
+        others = [n for n in shared.get(id(module.weight), []) if n != name]
+        if reason is None and others:  # a tied weight: factorising one user unties it
+            reason = KeepDense.SHARED
         if reason is not None:
-            report.layers.append(_dense_report(name, module, kind.name, tuple(matrix.shape), reason))
-        else:
-            eligible.append((name, module, kind, matrix))
+            detail = f"also used by {', '.join(others)}" if reason is KeepDense.SHARED else ""
+            report.layers.append(_dense_report(name, module, kind.name, tuple(matrix.shape),
+                                               reason, detail))
+            continue
+        if not torch.isfinite(matrix).all():
+            raise ConfigError(f"layer {name!r} has non-finite weights (NaN or Inf): "
+                              "it cannot be factorised")
+        eligible.append((name, module, kind, matrix))
     grams = {}
     if whiten:
         grams = collect(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch, progress)

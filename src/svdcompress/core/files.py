@@ -1,13 +1,18 @@
-"""Atomic file writes and strict JSON reads: a crash never leaves a half-written file."""
+"""Atomic writes of files and of whole directories, file hashes, strict JSON reads: a crash
+never leaves a half-written file or run directory."""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import FormatError
+from .errors import FormatError, SVDCompressError
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -48,3 +53,99 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise FormatError(f"{path} must hold a JSON object")
     return data
+
+
+# ---------------------------------------------------------------- whole-directory writes
+
+class RunExists(SVDCompressError, FileExistsError):
+    """The destination already holds something, and replacing it was not asked for."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_destination(dest: str | Path, *, overwrite: bool = False, sources=()) -> None:
+    """Refuse to write a run over one of its ``sources``, or over an existing non-empty
+    directory (or any file) unless ``overwrite``: call it before the work, not after."""
+    dest = Path(dest)
+    for src in sources:
+        if src is not None and Path(src).exists() and dest.exists() and \
+                os.path.samefile(src, dest):
+            raise RunExists(f"the output {dest} is the source run itself: write to another directory")
+    if dest.exists() and not dest.is_dir():
+        raise RunExists(f"{dest} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise RunExists(f"{dest} already exists and is not empty: pass --overwrite "
+                        "(overwrite=True) to replace it")
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd = -100
+    return fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _stale_stages(dest: Path):
+    """Staging directories of ``dest`` left by processes that no longer run."""
+    for p in dest.parent.glob(f".{dest.name}.staging-*"):
+        try:
+            pid = int(p.name.split("staging-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            yield p
+        except PermissionError:
+            pass  # another user's live process
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*root.iterdir(), root]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def staged_directory(dest: str | Path, *, overwrite: bool = False):
+    """Build a directory beside ``dest`` and move it into place only when the block ends
+    without error, replacing ``dest`` in one atomic step: a crash at any moment leaves the
+    old complete ``dest`` (or none) or the new complete one, never a mix."""
+    dest = Path(dest)
+    check_destination(dest, overwrite=overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_stages(dest):
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.staging-{os.getpid()}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)
+    try:
+        yield stage
+        _fsync_tree(stage)
+        if not dest.exists():
+            os.rename(stage, dest)
+        elif _exchange(stage, dest):
+            shutil.rmtree(stage)  # it now holds the old directory
+        else:  # no atomic swap here: move the old one aside first (a short window)
+            old = dest.with_name(f".{dest.name}.staging-{os.getpid()}-old")
+            os.rename(dest, old)
+            os.rename(stage, dest)
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -1,12 +1,16 @@
-"""Saving and loading a (compressed) model: model.safetensors + svdcompress.json.
+"""Saving and loading a (compressed) model: a run directory of model.safetensors (every
+tensor) and svdcompress.json (format, architecture, low-rank layers, config, run info, and
+the SHA-256 of every other file in the directory).
 
-Loading reads the JSON first, rebuilds the low-rank modules at the recorded shapes, then
-loads the tensors: no pickle anywhere. Writes are atomic (temp file, then os.replace), and
-the JSON is written last, so a run directory with a JSON is always complete.
+Writes build the whole directory beside its destination and move it into place in one step
+(files.staged_directory). Loading verifies every file's hash, validates the metadata as a
+whole, rebuilds the low-rank modules at the recorded shapes, then loads the tensors,
+refusing non-finite ones and keeping each tensor's dtype. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,19 +20,20 @@ from torch import nn
 
 from .archs import architecture, spec_of
 from .config import SVDConfig
-from .errors import FormatError
-from .files import atomic_write, read_json, write_json
+from .errors import ConfigError, FormatError
+from .files import read_json, sha256_file, staged_directory, write_json
 from .kinds import kind_named, low_rank_kind
 from .runinfo import RunInfo
 from .swap import low_rank_modules, replace_module
 
 FORMAT = "svdcompress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: svdcompress.json records the hash of every file
+READABLE_VERSIONS = (1, 2)  # version 1 runs (no hashes) still load
 WEIGHTS = "model.safetensors"
 META = "svdcompress.json"
 
 
-# ---------------------------------------------------------------- save
+# ---------------------------------------------------------------- tensors
 
 def unique_tensors(state: dict) -> tuple[dict, dict]:
     """safetensors refuses shared storage: keep one copy of tied tensors, name the aliases."""
@@ -43,6 +48,53 @@ def unique_tensors(state: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
+def check_finite(tensors: dict, where: str) -> None:
+    """Refuse NaN or Inf in any floating-point tensor, naming it."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FormatError(f"{where}: tensor {key!r} holds NaN or Inf values")
+
+
+def load_state(model: nn.Module, tensors: dict, aliases: dict, where: str = WEIGHTS) -> None:
+    """Load ``tensors`` into ``model`` after checking keys, shapes and values, one clear error
+    each. Each of the model's tensors takes the saved tensor's dtype (float16 stays float16)."""
+    expected = model.state_dict()
+    if not isinstance(aliases, dict) or not all(
+            isinstance(a, str) and isinstance(t, str) for a, t in aliases.items()):
+        raise FormatError(f"{where}: tied tensors must map names to names")
+    for alias, target in aliases.items():
+        if target not in tensors:
+            raise FormatError(f"tied tensor {alias!r} points to missing {target!r}")
+        tensors[alias] = tensors[target]
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        raise FormatError(f"{where} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if unexpected:
+        raise FormatError(f"{where} has {len(unexpected)} unexpected tensor(s): "
+                          f"{', '.join(unexpected[:5])}")
+    for key, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise FormatError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects "
+                              f"{tuple(expected[key].shape)}")
+        if t.is_floating_point() != expected[key].is_floating_point():
+            raise FormatError(f"tensor {key!r} is {t.dtype}, the model expects {expected[key].dtype}")
+    check_finite(tensors, where)
+    _take_dtypes(model, tensors)
+    model.load_state_dict(tensors, strict=True)
+
+
+def _take_dtypes(model: nn.Module, tensors: dict) -> None:
+    for key, t in tensors.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        current = getattr(owner, attr)
+        if isinstance(current, torch.Tensor) and current.dtype != t.dtype:
+            current.data = current.data.to(t.dtype)
+
+
+# ---------------------------------------------------------------- save
+
 def layer_entry(name: str, module: nn.Module) -> dict:
     """What the JSON records about one low-rank layer: enough to rebuild it empty."""
     kind = low_rank_kind(module)
@@ -50,16 +102,22 @@ def layer_entry(name: str, module: nn.Module) -> dict:
 
 
 def save(model: nn.Module, directory: str | Path, *, config: SVDConfig | None = None,
-         info: RunInfo | None = None) -> Path:
-    """Write ``model`` to ``directory``/model.safetensors and ``directory``/svdcompress.json.
+         info: RunInfo | None = None, overwrite: bool = False,
+         files: dict[str, str | Path] | None = None) -> Path:
+    """Write ``model`` as the run directory ``directory``.
 
-    ``info`` describes the run (data, source, metrics, history...). A model whose
+    ``info`` describes the run (data, source, metrics, history...); ``files`` are more files
+    to put in the run (name -> path, e.g. a training checkpoint). A model whose
     ``arch_spec()`` names a registered architecture also records it (and the files that
-    architecture writes), so ``load(directory)`` needs no model from the caller.
+    architecture writes), so ``load(directory)`` needs no model from the caller. The whole
+    directory appears at once; an existing non-empty one is replaced only with ``overwrite``.
     """
-    directory = Path(directory)
     spec = spec_of(model)
     tensors, aliases = unique_tensors(model.state_dict())
+    try:
+        check_finite(tensors, "the model")
+    except FormatError as err:
+        raise ConfigError(f"{err}: not saved") from None
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -69,35 +127,68 @@ def save(model: nn.Module, directory: str | Path, *, config: SVDConfig | None = 
         "config": config.to_dict() if config is not None else None,
         **(info.to_dict() if info is not None else {}),
     }
-    if spec is not None and architecture(spec["name"]).write_files is not None:
-        directory.mkdir(parents=True, exist_ok=True)
-        architecture(spec["name"]).write_files(model, directory)
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    write_json(directory / META, meta)
-    return directory
+    with staged_directory(directory, overwrite=overwrite) as stage:
+        if spec is not None and architecture(spec["name"]).write_files is not None:
+            architecture(spec["name"]).write_files(model, stage)
+        save_file(tensors, str(stage / WEIGHTS))
+        for name, src in (files or {}).items():
+            shutil.copyfile(src, stage / name)
+        meta["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(stage.iterdir()) if p.is_file()}
+        write_json(stage / META, meta)
+    return Path(directory)
 
 
 # ---------------------------------------------------------------- load
 
-def read_meta(directory: str | Path) -> dict:
-    """The run's svdcompress.json, checked to be one that this version can read."""
+def read_meta(directory: str | Path, verify: bool = True) -> dict:
+    """The run's svdcompress.json, checked as a whole; with ``verify``, every file it
+    names is checked against its recorded size and SHA-256."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FormatError(f"run directory not found: {directory}")
-    meta = read_json(directory / META, "svdcompress.json")
+    where = directory / META
+    meta = read_json(where, "svdcompress.json")
     if meta.get("format") != FORMAT:
-        raise FormatError(f"{directory / META} was not written by svdcompress")
+        raise FormatError(f"{where} was not written by svdcompress")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"unsupported format_version {version!r} in {directory / META} "
-                          f"(this svdcompress reads {FORMAT_VERSION})")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise FormatError(f"unsupported format_version {version!r} in {where} "
+                          f"(this svdcompress reads {', '.join(map(str, READABLE_VERSIONS))})")
     layers = meta.get("layers")
     if not isinstance(layers, list) or not all(
             isinstance(e, dict) and isinstance(e.get("name"), str) for e in layers):
-        raise FormatError(f"{directory / META}: 'layers' must be a list of objects with a name")
+        raise FormatError(f"{where}: 'layers' must be a list of objects with a name")
+    names = [e["name"] for e in layers]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: a layer is listed twice")
     if not isinstance(meta.get("tied", {}), dict):
-        raise FormatError(f"{directory / META}: 'tied' must be an object")
+        raise FormatError(f"{where}: 'tied' must be an object")
+    if meta.get("architecture") is not None and not isinstance(meta["architecture"], dict):
+        raise FormatError(f"{where}: 'architecture' must be an object")
+    read_config(meta)
+    RunInfo.from_dict(meta)
+    if version >= 2:
+        _check_files(directory, meta.get("files"), verify)
     return meta
+
+
+def _check_files(directory: Path, files, verify: bool) -> None:
+    where = directory / META
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise FormatError(f"{where}: 'files' must record every file of the run")
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and
+                isinstance(entry.get("bytes"), int) and "/" not in name and name not in ("", ".", "..")):
+            raise FormatError(f"{where}: the entry of file {name!r} is invalid")
+        path = directory / name
+        if not path.is_file():
+            raise FormatError(f"{name} not found: {path} (the run is incomplete)")
+        if not verify:
+            continue
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise FormatError(f"{path} does not match the hash in svdcompress.json: "
+                              "the file is corrupt or was changed")
 
 
 def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -106,13 +197,13 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"model.safetensors not found: {path}")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise FormatError(f"cannot read {path}: {err}") from None
 
 
 def read_info(directory: str | Path) -> RunInfo:
     """The run's typed metadata (data, source, metrics...)."""
-    return RunInfo.from_dict(read_meta(directory))
+    return RunInfo.from_dict(read_meta(directory, verify=False))
 
 
 def read_config(meta: dict) -> SVDConfig | None:
@@ -131,8 +222,6 @@ def build(directory: Path, meta: dict) -> nn.Module:
     if spec is None:
         raise FormatError(f"{directory} holds no built-in architecture: pass the base "
                           "model, as load(directory, model=base)")
-    if not isinstance(spec, dict):
-        raise FormatError(f"{directory / META}: 'architecture' must be an object")
     try:
         return architecture(spec.get("name")).build(spec, directory)
     except (TypeError, ValueError) as err:
@@ -145,33 +234,15 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     meta = read_meta(directory)
     if model is None:
         model = build(directory, meta)
-    for entry in meta["layers"]:
+    new = {}
+    for entry in meta["layers"]:  # every entry checked before the model is touched
         try:
             current = model.get_submodule(entry["name"])
         except AttributeError:
             raise FormatError(f"layer {entry['name']!r} of the saved run is not in the model") from None
-        new = kind_named(entry.get("kind")).rebuild(entry, current).train(current.training)
-        replace_module(model, entry["name"], new)
-    load_state(model, read_tensors(directory), meta.get("tied", {}))
+        new[entry["name"]] = kind_named(entry.get("kind")).rebuild(entry, current).train(current.training)
+    tensors = read_tensors(directory)
+    for name, layer in new.items():
+        replace_module(model, name, layer)
+    load_state(model, tensors, meta.get("tied", {}))
     return model
-
-
-def load_state(model: nn.Module, tensors: dict, aliases: dict) -> None:
-    """Load ``tensors`` into ``model`` after checking keys and shapes, one clear error each."""
-    expected = model.state_dict()
-    for alias, target in aliases.items():
-        if target not in tensors:
-            raise FormatError(f"tied tensor {alias!r} points to missing {target!r}")
-        tensors[alias] = tensors[target]
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise FormatError(f"model.safetensors lacks {len(missing)} tensor(s): {', '.join(missing[:5])}")
-    if unexpected:
-        raise FormatError(f"model.safetensors has {len(unexpected)} unexpected tensor(s): "
-                          f"{', '.join(unexpected[:5])}")
-    for key, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise FormatError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects "
-                              f"{tuple(expected[key].shape)}")
-    model.load_state_dict(tensors, strict=True)

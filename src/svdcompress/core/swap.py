@@ -34,30 +34,55 @@ def _has_matrix_weight(module: nn.Module) -> bool:
     return w is not None and w.dim() >= 2
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each sub-module object is reachable (a shared module has
+    several), keyed by id(module), in module order."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
 def candidate_modules(model: nn.Module, target_modules=None,
                       exclude_modules=None) -> Iterator[tuple[str, nn.Module, LayerKind | None]]:
-    """(name, module, kind) of every module whose full name passes the include/exclude filters
-    and that is either of a registered dense kind or holds a matrix weight of a type no kind
-    claims (kind None: the caller reports it as unsupported)."""
+    """(name, module, kind) of every module that passes the include/exclude filters and is
+    either of a registered dense kind or holds a matrix weight of a type no kind claims
+    (kind None: the caller reports it as unsupported). A module reachable under several
+    names is yielded once, under its first name; it is a target when one of its names is
+    targeted and none is excluded."""
+    names = module_names(model)
     for name, module in model.named_modules():
         if not name or low_rank_kind(module) is not None:
             continue  # the root itself cannot be replaced in place
         kind = dense_kind(module)
         if kind is None and not _has_matrix_weight(module):
             continue
-        if target_modules is not None and not name_matches(name, target_modules):
+        aliases = names[id(module)]
+        if target_modules is not None and not any(name_matches(n, target_modules) for n in aliases):
             continue
-        if exclude_modules is not None and name_matches(name, exclude_modules):
+        if exclude_modules is not None and any(name_matches(n, exclude_modules) for n in aliases):
             continue
         yield name, module, kind
 
 
+def shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """For each parameter held by more than one module object: the names of those modules."""
+    owners: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), {}).setdefault(id(module), name)
+    return {pid: list(mods.values()) for pid, mods in owners.items() if len(mods) > 1}
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where the sub-module ``name`` was; returns the old one."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    """Put ``new`` wherever the sub-module ``name`` is (under every name a shared module
+    has, so it stays one object); returns the old one."""
+    old = model.get_submodule(name)
+    for alias in module_names(model)[id(old)]:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
     return old
 
 

@@ -21,6 +21,7 @@ from ..core.archs import Architecture
 from ..core.compress import compress_
 from ..core.config import SVDConfig
 from ..core.errors import ConfigError, FormatError, require
+from ..core.files import check_destination
 from ..core.io import load, save
 from ..core.report import CompressionReport, model_size
 from ..core.runinfo import RunInfo
@@ -252,9 +253,10 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str | None = None,
-                calib_sentences: int = 512) -> tuple[CompressionReport, float]:
+                calib_sentences: int = 512, overwrite: bool = False) -> tuple[CompressionReport, float]:
     """Load a local Hugging Face model, compress it (calibrated on ``calib``, a text file, or
     generated sentences), save it to ``out``. Returns (report, seconds)."""
+    check_destination(out, overwrite=overwrite, sources=[path])
     t0 = time.perf_counter()
     model = load_encoder(path)
     batches = None
@@ -265,7 +267,7 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
     seconds = time.perf_counter() - t0
     save(model, out, config=config, info=RunInfo(
         source=str(path), compression=report.to_dict(), seconds=seconds, metrics=model_size(model),
-        calibration=calib or f"{calib_sentences} generated sentences"))
+        calibration=calib or f"{calib_sentences} generated sentences"), overwrite=overwrite)
     return report, seconds
 
 

@@ -101,7 +101,7 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
     t0 = time.perf_counter()
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, device=device)
     base, history = train_baseline(data, cfg, hidden, out=out / "runs" / "base", progress=progress,
-                                   limit_train=limit)
+                                   limit_train=limit, overwrite=True)
     base = base.cpu()
     timings["baseline"] = time.perf_counter() - t0
 
@@ -139,7 +139,7 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
             model = r.pop("model")
             if r["seed"] == seed:
                 save(model, out / "runs" / f"d{ft_rank}-{name}", config=SVDConfig(rank=ft_rank),
-                     info=RunInfo(data=data_info, history=r["history"]))
+                     info=RunInfo(data=data_info, history=r["history"]), overwrite=True)
     timings["finetune_and_dynamic"] = time.perf_counter() - t0
 
     results = {

@@ -8,6 +8,7 @@ svdcompress.json carries a ``RunInfo`` (data, source, config, history, metrics).
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,11 +20,12 @@ from ..core.files import write_json
 from ..core.io import load, read_config, read_info, read_meta, save
 from ..core.report import CompressionReport, model_size
 from ..core.runinfo import DataInfo, RunInfo
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, DataError, FormatError
+from ..core.files import RunExists, check_destination
 from ..core.swap import project_, unproject_
 from .data import Dataset, load_dataset
 from .models import MLP
-from .train import TrainConfig, evaluate, train
+from .train import CHECKPOINT, TrainConfig, evaluate, train
 
 
 def run_dataset(source: str | Path, data: str | None = None) -> Dataset:
@@ -36,57 +38,107 @@ def run_dataset(source: str | Path, data: str | None = None) -> Dataset:
     return load_dataset(info.name, limit_train=info.limit_train)
 
 
+def _matching(model: nn.Module, data: Dataset) -> Dataset:
+    """The data, checked to fit the model's input size."""
+    want = getattr(model, "in_features", None)
+    if want is not None and want != data.in_features:
+        raise DataError(f"dataset {data.name} has {data.in_features} features per sample "
+                        f"(images of another size), the model takes {want}")
+    return data
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where training keeps its checkpoints until the run is complete: OUT.partial."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _train_into(model: nn.Module, data: Dataset, cfg: TrainConfig, out: str | Path, *,
+                resume: bool, overwrite: bool, progress: bool, desc: str, source=None) -> list:
+    """Train with checkpoints in OUT.partial, so the run at OUT stays whole (the old one, or
+    none) until the new one replaces it. ``resume`` continues from OUT.partial's checkpoint
+    (an interrupted run) or from the checkpoint of the finished run at OUT."""
+    out, work = Path(out), work_dir(out)
+    check_destination(out, overwrite=overwrite or resume, sources=[source])
+    start = False
+    if resume:
+        if (work / CHECKPOINT).is_file():
+            start = work / CHECKPOINT
+        elif (out / CHECKPOINT).is_file():
+            read_meta(out)  # the finished run's files match their hashes
+            start = out / CHECKPOINT
+        else:
+            raise FormatError(f"no checkpoint to resume from in {work} or {out}")
+    elif work.is_dir() and any(work.iterdir()) and not overwrite:
+        raise RunExists(f"{work} holds the checkpoint of an interrupted run: pass --resume to "
+                        "continue it, or --overwrite to start again")
+    work.mkdir(parents=True, exist_ok=True)
+    return train(model, data, cfg, checkpoint_dir=work, resume=start, progress=progress, desc=desc)
+
+
+def _save_trained(model: nn.Module, out: str | Path, **kwargs) -> None:
+    """The finished run, with its last checkpoint, moved into place; then OUT.partial goes."""
+    work = work_dir(out)
+    files = {CHECKPOINT: work / CHECKPOINT} if (work / CHECKPOINT).is_file() else None
+    save(model, out, overwrite=True, files=files, **kwargs)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _metrics(model: nn.Module, data: Dataset) -> dict:
     device = next(model.parameters()).device
     return {**evaluate(model, data.x_test.to(device), data.y_test.to(device)), **model_size(model)}
 
 
 def train_baseline(data: Dataset, cfg: TrainConfig, hidden=(1024,) * 5, *, out=None,
-                   resume=False, progress=True, limit_train=None) -> tuple[MLP, list]:
+                   resume=False, progress=True, limit_train=None,
+                   overwrite=False) -> tuple[MLP, list]:
     """The reference MLP trained from a seeded initialisation; saved to ``out`` if given."""
     torch.manual_seed(cfg.seed)
     model = MLP(data.in_features, list(hidden), 10)
-    history = train(model, data, cfg, checkpoint_dir=out, resume=resume, progress=progress,
-                    desc="baseline")
-    if out is not None:
-        info = RunInfo(data=DataInfo(data.name, limit_train, data.mean, data.std),
-                       train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, data))
-        save(model.cpu(), out, info=info)
+    if out is None:
+        return model, train(model, data, cfg, progress=progress, desc="baseline")
+    history = _train_into(model, data, cfg, out, resume=resume, overwrite=overwrite,
+                          progress=progress, desc="baseline")
+    info = RunInfo(data=DataInfo(data.name, limit_train, data.mean, data.std),
+                   train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, data))
+    _save_trained(model.cpu(), out, info=info)
     return model, history
 
 
 def train_run(data: str, cfg: TrainConfig, out: str | Path, hidden=(1024,) * 5, *,
-              limit_train: int | None = None, resume=False, progress=True) -> list:
+              limit_train: int | None = None, resume=False, overwrite=False,
+              progress=True) -> list:
     """Train the reference MLP on a named dataset or MNIST directory into the run ``out``."""
     dataset = load_dataset(data, limit_train=limit_train)
     return train_baseline(dataset, cfg, hidden, out=out, resume=resume, progress=progress,
-                          limit_train=limit_train)[1]
+                          limit_train=limit_train, overwrite=overwrite)[1]
 
 
 def continue_training(source: str | Path, cfg: TrainConfig, out: str | Path, *, data=None,
                       project_rank: int | None = None, projection: str = "subspace",
-                      resume=False, progress=True) -> list:
+                      resume=False, overwrite=False, progress=True) -> list:
     """Train a saved run further into ``out``: fine-tuning (a compressed run keeps its
     factors and its config), or with ``project_rank`` dynamic SVD training (the run then
     holds the final rank-D factors, its checkpoint the full W)."""
+    check_destination(out, overwrite=overwrite or resume, sources=[source])
     meta = read_meta(source)
     model = load(source)
-    dataset = run_dataset(source, data)
+    dataset = _matching(model, run_dataset(source, data))
     config = read_config(meta)
     if project_rank is not None:
         config = SVDConfig(rank=project_rank)
         check_rank_fits(model, config)
         project_(model, project_rank, method=projection)
     desc = "dynamic" if project_rank else ("finetune" if meta["layers"] else "train")
-    history = train(model, dataset, cfg, checkpoint_dir=out, resume=resume, progress=progress,
-                    desc=desc)
+    history = _train_into(model, dataset, cfg, out, resume=resume, overwrite=overwrite,
+                          progress=progress, desc=desc, source=source)
     model.cpu()
     if project_rank is not None:
         unproject_(model)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(data), source=str(source),
                    train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, dataset),
                    projection={"rank": project_rank, "method": projection} if project_rank else None)
-    save(model, out, config=config, info=info)
+    _save_trained(model, out, config=config, info=info)
     return history
 
 
@@ -100,28 +152,29 @@ def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int 
 
 
 def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data=None,
-                 calib_batches: int = 64, progress=True) -> CompressionReport:
+                 calib_batches: int = 64, overwrite=False, progress=True) -> CompressionReport:
     """Load a run, compress it (calibrated on its training data for whitening), save to ``out``."""
+    check_destination(out, overwrite=overwrite, sources=[source])
     model = load(source)
     check_rank_fits(model, config)
     dataset = None
     calib = None
     if config.method == "whiten" or data is not None:
-        dataset = run_dataset(source, data)
+        dataset = _matching(model, run_dataset(source, data))
     if config.method == "whiten":
         calib = calibration_batches(dataset, calib_batches)
     report = compress_(model, config, calib, progress=progress)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(data),
                    source=str(source), compression=report.to_dict(), metrics=model_size(model),
                    calibration=f"{calib_batches} training batches of 128" if calib else None)
-    save(model, out, config=config, info=info)
+    save(model, out, config=config, info=info, overwrite=overwrite)
     return report
 
 
 def eval_run(run: str | Path, data: str | None = None) -> dict:
     """Test accuracy, loss, parameters and bytes of a run (on its own dataset by default)."""
     model = load(run)
-    dataset = run_dataset(run, data)
+    dataset = _matching(model, run_dataset(run, data))
     return {**_metrics(model, dataset), "data": dataset.name}
 
 
@@ -151,7 +204,7 @@ def sweep_run(run: str | Path, ranks, methods=("plain", "whiten"), *, data=None,
               calib_batches: int = 64, out: str | Path | None = None) -> tuple[dict, Path]:
     """Sweep a run's truncation rank for each method; the table goes to ``out`` (JSON)."""
     base = load(run)
-    dataset = run_dataset(run, data)
+    dataset = _matching(base, run_dataset(run, data))
     table = {m: sweep(base, dataset, ranks, progress=False, method=m, calib_batches=calib_batches)
              for m in methods}
     out = Path(out) if out is not None else Path(run) / "results.json"

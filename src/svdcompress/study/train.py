@@ -7,7 +7,9 @@ from it ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import ConfigError, FormatError
+from ..core.errors import ConfigError, FormatError, SVDCompressError
 from ..core.files import atomic_write
 from ..core.io import load_state, unique_tensors
 from .data import Dataset
@@ -77,6 +79,21 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
 
 # ---------------------------------------------------------------- checkpoints
 
+class TrainingDiverged(SVDCompressError):
+    """The loss or the weights became NaN or Inf; the last good checkpoint is kept."""
+
+
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: stored in a
+    checkpoint's metadata, so a changed byte anywhere in its tensors is caught on resume."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
                     epoch: int, history: list, cfg: TrainConfig) -> None:
     tensors, tied = unique_tensors({f"model.{k}": v for k, v in model.state_dict().items()})
@@ -90,67 +107,95 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
                 scalars[f"{idx}.{name}"] = value
     groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
     info = {"epoch": epoch, "history": history, "param_groups": groups, "scalars": scalars,
-            "tied": tied, "train_config": asdict(cfg)}
+            "tied": tied, "train_config": asdict(cfg), "digest": tensor_digest(tensors)}
     atomic_write(Path(directory) / CHECKPOINT,
                  lambda tmp: save_file(tensors, tmp, metadata={"svdcompress": json.dumps(info)}))
 
 
-def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> tuple[int, list]:
-    """Restore model and optimiser; returns (epochs done, history so far)."""
-    path = Path(directory) / CHECKPOINT
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of a checkpoint, its digest and every metadata field checked."""
     if not path.is_file():
         raise FormatError(f"no checkpoint to resume from: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             info = json.loads((f.metadata() or {})["svdcompress"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as err:
         raise FormatError(f"corrupt checkpoint {path}: {err}") from None
-    saved = info.get("train_config", {})
+    bad = lambda what: FormatError(f"corrupt checkpoint {path}: {what}")  # noqa: E731
+    if not isinstance(info, dict):
+        raise bad("its metadata is not an object")
+    if info.get("digest") != tensor_digest(tensors):
+        raise bad("its tensors do not match the digest recorded in it")
+    epoch, history = info.get("epoch"), info.get("history")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise bad(f"epoch must be an integer >= 0, got {epoch!r}")
+    if not isinstance(history, list) or len(history) != epoch or \
+            not all(isinstance(h, dict) for h in history):
+        raise bad("its history must hold one row per epoch done")
+    groups, scalars = info.get("param_groups"), info.get("scalars")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups) or \
+            not isinstance(scalars, dict) or not all(isinstance(k, str) and "." in k for k in scalars):
+        raise bad("invalid optimiser state")
+    if not isinstance(info.get("tied", {}), dict) or not isinstance(info.get("train_config"), dict):
+        raise bad("invalid tied tensors or training settings")
+    return info, tensors
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    cfg: TrainConfig) -> tuple[int, list]:
+    """Restore model and optimiser; returns (epochs done, history so far)."""
+    info, tensors = read_checkpoint(path)
+    saved = info["train_config"]
     for key in ("lr", "batch_size", "seed"):
         if saved.get(key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={saved.get(key)}, "
-                             f"not {getattr(cfg, key)}: resume with the same settings")
+                              f"not {getattr(cfg, key)}: resume with the same settings")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    tied = {a[len("model."):]: t[len("model."):] for a, t in info.get("tied", {}).items()}
-    load_state(model, model_state, tied)
+    tied = {a[len("model."):]: t[len("model."):] for a, t in info.get("tied", {}).items()
+            if isinstance(a, str) and isinstance(t, str)}
+    load_state(model, model_state, tied, where=str(path))
     opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    for key, value in info["scalars"].items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
-              for g in info["param_groups"]]
     try:
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        for key, value in info["scalars"].items():
+            idx, name = key.split(".", 1)
+            opt_state.setdefault(int(idx), {})[name] = value
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+                  for g in info["param_groups"]]
         opt.load_state_dict({"state": opt_state, "param_groups": groups})
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError, IndexError) as err:
         raise FormatError(f"checkpoint {path} does not match this optimiser: {err}") from None
-    return int(info["epoch"]), list(info["history"])
+    return info["epoch"], list(info["history"])
 
 
 # ---------------------------------------------------------------- the loop
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
-          checkpoint_dir: str | Path | None = None, resume: bool = False,
+          checkpoint_dir: str | Path | None = None, resume: bool | str | Path = False,
           progress: bool = True, desc: str = "train") -> list[dict]:
     """Train ``model`` with Adam on ``data``; one history row per epoch.
 
     Each epoch's shuffle is seeded by (seed, epoch), so a resumed run sees the same batches
     as an uninterrupted one. With ``checkpoint_dir`` a checkpoint is written after each epoch.
+    ``resume`` is True (the checkpoint in ``checkpoint_dir``) or a checkpoint file's path.
+    An epoch whose loss or weights end non-finite raises TrainingDiverged and writes no
+    checkpoint, so the last good one stays.
     """
     device = resolve_device(cfg.device)
     model.to(device)
     data = data.to(device)
     opt = make_optimizer(model.parameters(), cfg.lr)
     start, history = 0, []
-    if resume:
+    if resume is True:
         if checkpoint_dir is None:
             raise ConfigError("resume needs a checkpoint directory")
-        start, history = load_checkpoint(Path(checkpoint_dir), model, opt, cfg)
+        resume = Path(checkpoint_dir) / CHECKPOINT
+    if resume:
+        start, history = load_checkpoint(Path(resume), model, opt, cfg)
     n = len(data.x_train)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
@@ -175,6 +220,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
                 seen = min(n, i + len(idx))
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{int(correct) / seen:.4f}")
+        _check_finite(model, float(loss_sum) / n, epoch + 1, checkpoint_dir, history)
         test = evaluate(model, data.x_test, data.y_test)
         history.append({"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                         "train_accuracy": int(correct) / n, "test_loss": test["loss"],
@@ -186,3 +232,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         if checkpoint_dir is not None:
             save_checkpoint(Path(checkpoint_dir), model, opt, epoch + 1, history, cfg)
     return history
+
+
+def _check_finite(model: nn.Module, loss: float, epoch: int, checkpoint_dir, history: list) -> None:
+    if math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    kept = (f"the checkpoint of epoch {len(history)} is kept in {checkpoint_dir}"
+            if checkpoint_dir is not None and history else "no checkpoint was written")
+    raise TrainingDiverged(f"training diverged in epoch {epoch} (mean loss {loss}, or NaN/Inf "
+                           f"weights): try a lower learning rate; {kept}")
