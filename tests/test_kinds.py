@@ -45,13 +45,15 @@ class Net(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(10, 12)
         self.conv1d = nn.Conv1d(12, 12, 3)
+        self.bilinear = nn.Bilinear(12, 12, 12)
+        self.norm = nn.LayerNorm(12)
         self.scaled = Scaled(12, 12)
         self.out = nn.Linear(12, 3)
 
     def forward(self, ids):
         h = self.emb(ids).transpose(1, 2)
-        h = self.conv1d(h).mean(-1)
-        return self.out(self.scaled(h))
+        h = self.norm(self.conv1d(h).mean(-1))
+        return self.out(self.scaled(self.bilinear(h, h)))
 
 
 def test_unsupported_module_types_are_reported_by_name_never_guessed():
@@ -59,10 +61,21 @@ def test_unsupported_module_types_are_reported_by_name_never_guessed():
     net = Net()
     report = sc.compress_(net, sc.SVDConfig(rank=2))
     rows = {r.name: r for r in report.layers}
-    for name, typename in (("emb", "Embedding"), ("conv1d", "Conv1d"), ("scaled", "Scaled")):
+    for name, typename in (("bilinear", "Bilinear"), ("scaled", "Scaled")):
         assert rows[name].reason is sc.KeepDense.UNSUPPORTED and rows[name].kind == typename
-        assert typename in str(report)
-    assert type(net.conv1d) is nn.Conv1d and type(net.scaled) is Scaled  # left alone
+        assert f"unsupported module type: {typename}" in str(report)
+    assert type(net.bilinear) is nn.Bilinear and type(net.scaled) is Scaled  # left alone
+    assert rows["emb"].reason is sc.KeepDense.EMBEDDING and rows["norm"].reason is sc.KeepDense.VECTOR
+    assert isinstance(net.conv1d, sc.LowRankConv1d)  # a built-in kind
+
+
+def test_a_model_with_nothing_to_compress_is_an_error_that_says_why():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with pytest.raises(sc.ConfigError, match="nothing to compress: every matching module stays "
+                       r"dense \(1 x embedding.*1 x norm or vector parameters only, 1 x output layer\)"):
+        sc.compress_(model, sc.SVDConfig(rank=2))
+    with pytest.raises(sc.ConfigError, match="no module matches the target modules"):
+        sc.compress_(model, sc.SVDConfig(rank=2, target_modules=["nope"]))
 
 
 def test_a_registered_kind_is_used_by_compress_save_load_and_bench(tmp_path, monkeypatch):

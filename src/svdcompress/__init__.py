@@ -12,7 +12,7 @@ from .core.errors import ConfigError, DataError, FormatError, MissingDependency,
 from .core.factorize import svd, truncated_factors
 from .core.io import load, read_info, read_meta, save
 from .core.kinds import LayerKind, register_kind
-from .core.layers import LowRankConv2d, LowRankLinear
+from .core.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from .core.projection import ProjectedLinear
 from .core.rank import RankSpec, choose_rank
 from .core.report import CompressionReport, KeepDense, LayerReport
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Architecture", "CompressionReport", "ConfigError", "DataError", "DataInfo", "FormatError",
-    "KeepDense", "LayerKind", "LayerReport", "LowRankConv2d", "LowRankLinear",
+    "KeepDense", "LayerKind", "LayerReport", "LowRankConv1d", "LowRankConv2d", "LowRankLinear",
     "MissingDependency", "ProjectedLinear", "RankSpec", "RunInfo", "SVDCompressError",
     "SVDConfig", "__version__", "choose_rank", "compress_", "densify_", "load", "project_",
     "read_info", "read_meta", "register_architecture", "register_kind", "save", "svd",

@@ -18,7 +18,7 @@ from .core.errors import SVDCompressError
 from .core.io import load, read_meta
 from .integrations.bench import bench_run
 from .integrations.export import export_run
-from .integrations.hf import compress_hf, eval_embeddings_run
+from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
 from .study.experiments import STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
@@ -148,7 +148,9 @@ def cmd_compress(args) -> None:
         raise UsageError("give exactly one of RUN or --hf PATH")
     if args.hf is not None:
         report, seconds = compress_hf(args.hf, svd_config(args), args.out, calib=args.calib,
-                                      calib_sentences=args.calib_sentences, overwrite=args.overwrite)
+                                      calib_sentences=args.calib_sentences, overwrite=args.overwrite,
+                                      seq_len=args.seq_len, calib_seqs=args.calib_seqs,
+                                      device=args.device)
         print(report)
         print(f"saved {args.out} in {seconds:.1f} s")
         return
@@ -166,6 +168,15 @@ def cmd_eval(args) -> None:
 def cmd_eval_embeddings(args) -> None:
     print(json.dumps(eval_embeddings_run(args.run, args.reference, args.texts, args.sentences),
                      indent=2))
+
+
+def cmd_eval_lm(args) -> None:
+    m = eval_lm_run(args.run, args.reference, args.text, args.window, args.stride)
+    for name in ("compressed", "reference"):
+        r = m[name]
+        print(f"{name:>10}: perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens, "
+              f"{r['tokens_per_second']:.0f} tokens/s, {r['params']:,} parameters")
+    print(json.dumps(m, indent=2))
 
 
 def cmd_bench(args) -> None:
@@ -245,8 +256,14 @@ def build_parser() -> Parser:
     s = sub.add_parser("compress", help="factorise a run's (or a Hugging Face model's) layers and save the result")
     s.add_argument("run", nargs="?", help="run directory (or use --hf)")
     s.add_argument("--hf", help="a local Hugging Face or sentence-transformers model directory")
-    s.add_argument("--calib", help="with --hf: a text file, one calibration sentence per line "
-                   "(default: generated sentences)")
+    s.add_argument("--calib", help="with --hf: a text file: calibration sentences, one a line, for "
+                   "an encoder (default: generated sentences); running text for a causal LM")
+    s.add_argument("--seq-len", type=positive_int, default=256,
+                   help="with --hf and a causal LM: tokens per calibration sequence (default 256)")
+    s.add_argument("--calib-seqs", type=positive_int, default=128,
+                   help="with --hf and a causal LM: calibration sequences (default 128)")
+    s.add_argument("--device", default="cpu", help="with --hf: where block-wise calibration and "
+                   "the SVDs run (cpu, cuda): one block at a time is moved there")
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=positive_int, help="fixed rank D")
     how.add_argument("--energy", type=fraction, help="keep this fraction of the spectrum's energy")
@@ -289,6 +306,15 @@ def build_parser() -> Parser:
     s.add_argument("--sentences", type=positive_int, default=3000,
                    help="how many generated sentences (default 3000)")
     s.set_defaults(func=cmd_eval_embeddings)
+
+    s = sub.add_parser("eval-lm", help="perplexity of a compressed causal LM and of its reference")
+    s.add_argument("run")
+    s.add_argument("--reference", required=True, help="the uncompressed model directory")
+    s.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    s.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--stride", type=positive_int, default=256,
+                   help="tokens the window moves by; each token is scored once (default 256)")
+    s.set_defaults(func=cmd_eval_lm)
 
     s = sub.add_parser("bench", help="latency and throughput: the dense original against the compressed run")
     s.add_argument("run")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import SVDConfig
+from .blockwise import capture, compress_blocks, find_blocks
 from .calibrate import collect, collect_paired, record_inputs
 from .factorize import SVD, compensated_svd, split, svd, whitened_svd
 from .errors import ConfigError
@@ -19,9 +20,41 @@ from .swap import candidate_modules, output_layer_name, replace_module, shared_w
 
 
 def _dense_report(name: str, module: nn.Module, kind: str, shape, reason: KeepDense,
-                  detail: str = "") -> LayerReport:
-    n = sum(p.numel() for p in module.parameters(recurse=False))
+                  detail: str = "", counted: set | None = None) -> LayerReport:
+    """A layer left dense; a parameter already counted in another row (a tied weight) is not
+    counted again."""
+    params = [p for p in module.parameters(recurse=False) if counted is None or id(p) not in counted]
+    if counted is not None:
+        counted.update(id(p) for p in params)
+    n = sum(p.numel() for p in params)
     return LayerReport(name, kind, shape, None, n, n, 0.0, reason, detail)
+
+
+def _nothing(report: CompressionReport) -> str:
+    """Why no layer can be factorised, for the error message."""
+    if not report.layers:
+        return ("no module matches the target modules" +
+                " (check target_modules / exclude_modules)")
+    reasons: dict[str, int] = {}
+    for r in report.layers:
+        reasons[r.note] = reasons.get(r.note, 0) + 1
+    return "every matching module stays dense (" + ", ".join(
+        f"{n} x {why}" for why, n in reasons.items()) + ")"
+
+
+def _why_no_kind(module: nn.Module) -> tuple[KeepDense, str]:
+    if isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__:
+        return KeepDense.EMBEDDING, ""
+    if all(p.dim() <= 1 for p in module.parameters(recurse=False)):
+        return KeepDense.VECTOR, ""
+    return KeepDense.UNSUPPORTED, type(module).__name__
+
+
+def _shape_of(module: nn.Module) -> tuple[int, int]:
+    w = module._parameters.get("weight")
+    if w is None:
+        w = next(p for p in module.parameters(recurse=False))
+    return (w.shape[0], w[0].numel()) if w.dim() >= 2 else (w.numel(), 1)
 
 
 def _keep_dense(rank, shape, config: SVDConfig) -> tuple[KeepDense | None, str]:
@@ -83,16 +116,34 @@ def _run_batch(model: nn.Module, batch) -> None:
         model(batch)
 
 
+def _find_chained_blocks(model: nn.Module, eligible: list, calibration: list):
+    """(prefix, blocks, first-block inputs) when the target layers sit in chained repeated
+    blocks, else None (the per-layer path)."""
+    found = find_blocks(model, [n for n, _, _, _ in eligible])
+    if found is None:
+        return None
+    was = model.training
+    model.eval()
+    try:
+        streams = capture(model, found[1], calibration, _run_batch)
+    finally:
+        model.train(was)
+    return None if streams is None else (*found, streams)
+
+
 def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None = None, *,
-              progress: bool = False) -> CompressionReport:
+              progress: bool = False, device=None) -> CompressionReport:
     """Factorise ``model``'s target Linear/Conv2d layers in place; report each layer.
 
     A layer stays dense (and the report says why) when it is the output layer and
     ``config.skip_output_layer`` is set, when it is a grouped convolution, or when its
     factorisation at the chosen rank would not save parameters (D * (m + n) >= m * n).
-    ``calibration`` (needed by method="whiten") is any iterable of model inputs (read once): tensors,
-    tuples of positional inputs, or dicts of keyword inputs. With whitening, the report's
-    rel_error is the relative output error on the calibration inputs.
+    ``calibration`` (needed by method="whiten") is any iterable of model inputs (read once):
+    tensors, tuples of positional inputs, or dicts of keyword inputs. With whitening, the
+    report's rel_error is the relative output error on the calibration inputs. A model whose
+    target layers sit in chained repeated blocks (a transformer) is calibrated block by
+    block (blockwise.py), in memory bounded by two block boundaries; ``device`` ("cuda")
+    runs each block's statistics and SVDs there, one block at a time.
     """
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
@@ -100,15 +151,15 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     calibration = _batches(calibration) if whiten else None
     output = output_layer_name(model) if config.skip_output_layer else None
     shared = shared_weights(model)
+    counted: set[int] = set()  # parameters already in a report row
     report = CompressionReport()
     eligible = []  # (name, module, kind, matrix)
     for name, module, kind in list(candidate_modules(model, config.target_modules,
                                                      config.exclude_modules)):
         if kind is None:
-            w = module.weight
+            reason, detail = _why_no_kind(module)
             report.layers.append(_dense_report(name, module, type(module).__name__,
-                                               (w.shape[0], w[0].numel()), KeepDense.UNSUPPORTED,
-                                               type(module).__name__))
+                                               _shape_of(module), reason, detail, counted))
             continue
         matrix = kind.matrix(module)
         reason = KeepDense.OUTPUT_LAYER if name == output else kind.why_dense(module)
@@ -118,43 +169,69 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
         if reason is not None:
             detail = f"also used by {', '.join(others)}" if reason is KeepDense.SHARED else ""
             report.layers.append(_dense_report(name, module, kind.name, tuple(matrix.shape),
-                                               reason, detail))
+                                               reason, detail, counted))
             continue
         if not torch.isfinite(matrix).all():
             raise ConfigError(f"layer {name!r} has non-finite weights (NaN or Inf): "
                               "it cannot be factorised")
         eligible.append((name, module, kind, matrix))
-    grams = {}
-    if whiten:
-        grams = collect(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch, progress)
-    decs = {n: _decompose(w, grams.get(n), config) for n, _, _, w in eligible}
-    originals = {}
-    if whiten and config.sequential:  # the dense network's layer inputs, recorded once
-        originals = record_inputs(model, {n: m for n, m, _, _ in eligible}, calibration, _run_batch)
+    if not eligible:
+        raise ConfigError("nothing to compress: " + _nothing(report))
+    blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
+    in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}
+    spectra = config.spec.kind == "energy" or config.allocation == "global"
+    # per-layer path: grams of every layer (as before); block layers only when ranks need them
+    need_grams = [(n, m) for n, m, _, _ in eligible if n not in in_blocks or spectra]
+    grams = collect(model, dict(need_grams), calibration, _run_batch, progress) \
+        if whiten and need_grams else {}
+    decs = {n: _decompose(w, grams.get(n), config) for n, _, _, w in eligible
+            if not whiten or n in grams}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     if config.allocation == "global":
         budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
         ranks = allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)
-    else:
-        ranks = {n: choose_rank(decs[n].S, config.spec, shapes[n]) for n in shapes}
+    else:  # a fixed rank or a parameter ratio needs no spectrum
+        ranks = {n: choose_rank(decs[n].S if n in decs else None, config.spec, shapes[n])
+                 for n in shapes}
+    todo = {}
     for name, module, kind, matrix in eligible:
         rank, shape = ranks[name], shapes[name]
         if rank is not None and config.round_to:
             rank = round_rank(rank, config.round_to, shape)
         reason, detail = _keep_dense(rank, shape, config)
         if reason is not None:
-            report.layers.append(_dense_report(name, module, kind.name, shape, reason, detail))
-            continue
-        dec = decs[name]
+            report.layers.append(_dense_report(name, module, kind.name, shape, reason, detail, counted))
+        else:
+            todo[name] = (module, kind, matrix, rank)
+
+    def finish(name: str, dec: SVD) -> None:
+        module, kind, matrix, rank = todo.pop(name)
+        replace_module(model, name, _factorize(kind, module, dec, rank))
+        counted.update(id(p) for p in module.parameters(recurse=False))
+        bias = 0 if module.bias is None else module.bias.numel()
+        report.layers.append(LayerReport(
+            name, kind.name, shapes[name], rank, module.weight.numel() + bias,
+            factorized_params(rank, shapes[name]) + bias, truncation_error(dec.S, rank)))
+
+    def from_stats(name: str, gram, cross) -> None:
+        matrix = todo[name][2]
+        finish(name, whitened_svd(matrix, gram, config.damping) if cross is None
+               else compensated_svd(matrix, gram, cross, config.damping))
+
+    if blocks:
+        compress_blocks(blocks[1], blocks[0], [n for n in todo if n in in_blocks], blocks[2],
+                        from_stats, config.sequential, device, progress)
+    rest = [n for n in todo if n not in in_blocks]
+    originals = {}
+    if whiten and config.sequential and rest:  # the network's layer inputs, recorded once
+        originals = record_inputs(model, {n: todo[n][0] for n in rest}, calibration, _run_batch)
+    for name in rest:
         if name in originals:  # fit the original layer's outputs from the inputs that the
             # already-compressed layers before it now produce: errors do not compound
             gram, cross = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
-            dec = compensated_svd(matrix, gram, cross, config.damping)
-        replace_module(model, name, _factorize(kind, module, dec, rank))
-        bias = 0 if module.bias is None else module.bias.numel()
-        report.layers.append(LayerReport(
-            name, kind.name, shape, rank, module.weight.numel() + bias,
-            factorized_params(rank, shape) + bias, truncation_error(dec.S, rank)))
+            from_stats(name, gram, cross)
+        else:
+            finish(name, decs[name])
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, -1))
     return report

@@ -51,6 +51,9 @@ class SVDConfig:
     min_speedup: keep a layer dense unless its factorised form needs at most 1/min_speedup
         of the dense multiply-adds (m n / (D (m + n)) >= min_speedup): two thin matmuls are
         not faster than one dense one until the saving is large enough.
+    blockwise: (whiten only) calibrate a model whose target layers sit in chained repeated
+        blocks (a transformer) one block at a time, in bounded memory; False forces the
+        per-layer path. Both give the same factors.
     """
 
     rank: int | None = None
@@ -65,6 +68,7 @@ class SVDConfig:
     allocation: str = "uniform"
     round_to: int | None = None
     min_speedup: float | None = None
+    blockwise: bool = True
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -74,7 +78,7 @@ class SVDConfig:
         self.spec  # validates the value, naming the field
         for name in ("target_modules", "exclude_modules"):
             object.__setattr__(self, name, _normalize_pattern(name, getattr(self, name)))
-        for name in ("skip_output_layer", "sequential"):
+        for name in ("skip_output_layer", "sequential", "blockwise"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.method not in ("plain", "whiten"):

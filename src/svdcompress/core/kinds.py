@@ -12,12 +12,15 @@ below; an integration registers its own when imported).
 
 from __future__ import annotations
 
+import math
+from importlib.metadata import entry_points
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import FormatError
-from .layers import LowRankConv2d, LowRankLinear
+from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear
 from .projection import ProjectedLinear
 from .report import KeepDense
 
@@ -57,7 +60,7 @@ class LayerKind:
     compress_), ``low_rank`` the type put in its place, ``name`` what svdcompress.json says."""
 
     name: str
-    dense: type | None
+    dense: type | str | None  # a class, or "module.QualName" of a class
     low_rank: type
 
     def matrix(self, module: nn.Module) -> torch.Tensor:
@@ -107,7 +110,7 @@ class LinearKind(LayerKind):
 
     def rebuild(self, entry, current):
         m, n = self._shape(entry, current)
-        return LowRankLinear(n, m, need_rank(entry, (m, n)), bias=need(entry, "bias", bool),
+        return self.low_rank(n, m, need_rank(entry, (m, n)), bias=need(entry, "bias", bool),
                              device=current.weight.device, dtype=current.weight.dtype)
 
     def macs(self, module, out):
@@ -140,20 +143,25 @@ class ProjectedKind(LinearKind):
 
 
 class Conv2dKind(LayerKind):
-    name, dense, low_rank = "conv2d", nn.Conv2d, LowRankConv2d
+    name, dense, low_rank, dims = "conv2d", nn.Conv2d, LowRankConv2d, 2
 
     def why_dense(self, module):
         return KeepDense.GROUPED_CONV if module.groups != 1 else None
 
     def inputs(self, module, x):
-        # pad explicitly as the conv would (any padding mode, also padding="same")
+        # pad explicitly as the conv would (any padding mode, also padding="same"), then
+        # unfold into the patches the weight matrix multiplies (1-D convs as 1 x k images)
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        cols = F.unfold(x, module.kernel_size, module.dilation, 0, module.stride)
+        one = (1,) * (2 - self.dims)
+        if self.dims == 1:
+            x = x.unsqueeze(2)
+        cols = F.unfold(x, one + tuple(module.kernel_size), dilation=one + tuple(module.dilation),
+                        stride=one + tuple(module.stride))
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
     def replace(self, module, u, v):
-        return LowRankConv2d.from_factors(module, u, v)
+        return self.low_rank.from_factors(module, u, v)
 
     def entry(self, layer):
         return {"rank": layer.rank, "bias": layer.bias is not None,
@@ -167,26 +175,31 @@ class Conv2dKind(LayerKind):
         if getattr(current, "in_channels", None) != cin or getattr(current, "out_channels", None) != cout:
             raise FormatError(f"layer {entry['name']!r}: saved as conv {cin}->{cout} channels but "
                               f"the model's module is {_describe(current)}")
-        kernel = need_dims(entry, "kernel_size", 2)
+        d = self.dims
+        kernel = need_dims(entry, "kernel_size", d)
         padding = entry.get("padding", 0)
         if not (padding in ("same", "valid") or isinstance(padding, int) and padding >= 0 or
-                isinstance(padding, list) and len(padding) == 2 and
+                isinstance(padding, list) and len(padding) == d and
                 all(isinstance(p, int) and p >= 0 for p in padding)):
             raise FormatError(f"layer {entry['name']!r}: field 'padding' is invalid")
         mode = entry.get("padding_mode", "zeros")
         if mode not in ("zeros", "reflect", "replicate", "circular"):
             raise FormatError(f"layer {entry['name']!r}: field 'padding_mode' is invalid")
-        rank = need_rank(entry, (cout, cin * kernel[0] * kernel[1]))
-        return LowRankConv2d(cin, cout, kernel, rank, stride=need_dims(entry, "stride", 2),
-                             padding=padding, dilation=need_dims(entry, "dilation", 2),
+        rank = need_rank(entry, (cout, cin * math.prod(kernel)))
+        return self.low_rank(cin, cout, kernel, rank, stride=need_dims(entry, "stride", d),
+                             padding=padding, dilation=need_dims(entry, "dilation", d),
                              bias=need(entry, "bias", bool), padding_mode=mode,
                              device=current.weight.device, dtype=current.weight.dtype)
 
     def macs(self, module, out):
-        pixels = out.numel() // out.shape[1]
-        if isinstance(module, LowRankConv2d):
-            return pixels * module.rank * (module.v[0].numel() + module.out_channels)
+        positions = out.numel() // out.shape[1]
+        if isinstance(module, self.low_rank):
+            return positions * module.rank * (module.v[0].numel() + module.out_channels)
         return out.numel() * module.weight[0].numel()
+
+
+class Conv1dKind(Conv2dKind):
+    name, dense, low_rank, dims = "conv1d", nn.Conv1d, LowRankConv1d, 1
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -200,10 +213,31 @@ def register_kind(kind: LayerKind) -> LayerKind:
     return kind
 
 
+ENTRY_POINTS = "svdcompress.kinds"
+_loaded_entry_points = False
+
+
+def _load_entry_points() -> None:
+    """Kinds that integrations declare as entry points (e.g. transformers' Conv1D), loaded
+    on the first lookup: a user's GPT-2 compresses without importing the integration."""
+    global _loaded_entry_points
+    if not _loaded_entry_points:
+        _loaded_entry_points = True
+        for ep in entry_points(group=ENTRY_POINTS):
+            register_kind(ep.load())
+
+
+def _matches(declared, cls: type) -> bool:
+    """A kind names its type as a class, or as "module.QualName" so that it need not
+    import the library that defines it."""
+    return declared is cls or declared == f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _by_type(module: nn.Module, attr: str) -> LayerKind | None:
+    _load_entry_points()
     for cls in type(module).__mro__:  # the most specific registered type wins
         for kind in _KINDS.values():
-            if getattr(kind, attr) is cls:
+            if _matches(getattr(kind, attr), cls):
                 return kind
     return None
 
@@ -223,10 +257,11 @@ def any_kind(module: nn.Module) -> LayerKind | None:
 
 
 def kind_named(name) -> LayerKind:
+    _load_entry_points()
     if not isinstance(name, str) or name not in _KINDS:
         raise FormatError(f"unknown kind {name!r} (known: {', '.join(sorted(_KINDS))})")
     return _KINDS[name]
 
 
-for _kind in (LinearKind(), ProjectedKind(), Conv2dKind()):
+for _kind in (LinearKind(), ProjectedKind(), Conv2dKind(), Conv1dKind()):
     register_kind(_kind)

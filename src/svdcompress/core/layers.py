@@ -90,17 +90,19 @@ class LowRankLinear(nn.Module):
                 f"rank={self.rank}, bias={self.bias is not None}")
 
 
-def _pair(x) -> tuple[int, int]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+def _tuple(x, dims: int) -> tuple[int, ...]:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,) * dims
 
 
-class LowRankConv2d(nn.Module):
-    """A Conv2d of rank D: a kh x kw conv to D channels, then a 1x1 conv to the outputs.
+class _LowRankConv(nn.Module):
+    """A convolution of rank D: a conv with the original kernel to D channels, then a
+    pointwise conv to the outputs. The weight (out, in, *kernel) is factorised as the matrix
+    (out, in * prod(kernel)); the input factor keeps the original stride, padding, dilation
+    and padding mode. Grouped convolutions are not supported (they stay dense)."""
 
-    The weight (out, in, kh, kw) is factorised as the matrix (out, in*kh*kw); the input
-    factor keeps the original stride, padding, dilation and padding mode. Grouped
-    convolutions are not supported (they stay dense when compressing).
-    """
+    dims: int
+    dense_type: type
+    conv = None  # F.conv1d or F.conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int,
                  stride=1, padding=0, dilation=1, bias: bool = True,
@@ -108,24 +110,25 @@ class LowRankConv2d(nn.Module):
         super().__init__()
         check_rank(rank)
         kw = {"device": device, "dtype": dtype}
+        d = self.dims
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.kernel_size, self.stride, self.dilation = (
-            _pair(kernel_size), _pair(stride), _pair(dilation))
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+            _tuple(kernel_size, d), _tuple(stride, d), _tuple(dilation, d))
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, d)
         self.padding_mode = padding_mode
-        # nn.Conv2d works out the explicit padding for non-zero padding modes (also for
+        # torch's conv works out the explicit padding for non-zero padding modes (also for
         # padding="same"); borrow it from a shapeless conv on the meta device.
-        probe = nn.Conv2d(1, 1, self.kernel_size, padding=self.padding, dilation=self.dilation,
-                          padding_mode=padding_mode, device="meta")
+        probe = self.dense_type(1, 1, self.kernel_size, padding=self.padding, dilation=self.dilation,
+                                padding_mode=padding_mode, device="meta")
         self._pad = tuple(probe._reversed_padding_repeated_twice)
         self.v = nn.Parameter(torch.empty(rank, in_channels, *self.kernel_size, **kw))
-        self.u = nn.Parameter(torch.empty(out_channels, rank, 1, 1, **kw))
+        self.u = nn.Parameter(torch.empty(out_channels, rank, *(1,) * d, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
         _init_factors(self.u, self.v, self.bias)
 
     @classmethod
-    def from_factors(cls, conv: nn.Conv2d, u: torch.Tensor, v: torch.Tensor) -> "LowRankConv2d":
-        """Build from the matrix factors u (out x D), v (D x in*kh*kw) of ``conv``'s weight."""
+    def from_factors(cls, conv: nn.Module, u: torch.Tensor, v: torch.Tensor):
+        """Build from the matrix factors u (out x D), v (D x in*prod(kernel)) of ``conv``'s weight."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, u.shape[1],
                     stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
@@ -138,8 +141,8 @@ class LowRankConv2d(nn.Module):
         return layer
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
-        """The best rank-D approximation of ``conv``'s (out, in*kh*kw) weight matrix."""
+    def from_conv(cls, conv: nn.Module, rank: int):
+        """The best rank-D approximation of ``conv``'s (out, in*prod(kernel)) weight matrix."""
         check_rank(rank)
         if conv.groups != 1:
             raise ConfigError("grouped convolutions cannot be factorised (groups != 1)")
@@ -148,27 +151,48 @@ class LowRankConv2d(nn.Module):
         return cls.from_factors(conv, u, v)
 
     def weight(self) -> torch.Tensor:
-        """The dense (out, in, kh, kw) weight."""
+        """The dense (out, in, *kernel) weight."""
         w = self.u.reshape(self.out_channels, self.rank) @ self.v.reshape(self.rank, -1)
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = type(self).conv
         if self.padding_mode != "zeros":
             x = F.pad(x, self._pad, mode=self.padding_mode)
-            h = F.conv2d(x, self.v, None, self.stride, 0, self.dilation)
+            h = conv(x, self.v, None, self.stride, 0, self.dilation)
         else:
-            h = F.conv2d(x, self.v, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(h, self.u, self.bias)
+            h = conv(x, self.v, None, self.stride, self.padding, self.dilation)
+        return conv(h, self.u, self.bias)
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Conv2d:
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
-                          stride=self.stride, padding=self.padding, dilation=self.dilation,
-                          bias=self.bias is not None, padding_mode=self.padding_mode,
-                          device=self.u.device, dtype=self.u.dtype)
+    def to_dense(self) -> nn.Module:
+        dense = self.dense_type(self.in_channels, self.out_channels, self.kernel_size,
+                                stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                bias=self.bias is not None, padding_mode=self.padding_mode,
+                                device=self.u.device, dtype=self.u.dtype)
         return _fill(dense, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"rank={self.rank}, stride={self.stride}, padding={self.padding}, "
                 f"dilation={self.dilation}, bias={self.bias is not None}")
+
+
+class LowRankConv2d(_LowRankConv):
+    """A Conv2d of rank D: a kh x kw conv to D channels, then a 1x1 conv to the outputs."""
+
+    dims, dense_type, conv = 2, nn.Conv2d, staticmethod(F.conv2d)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
+        return cls.from_conv(conv, rank)
+
+
+class LowRankConv1d(_LowRankConv):
+    """A Conv1d of rank D: a conv of kernel k to D channels, then a pointwise conv."""
+
+    dims, dense_type, conv = 1, nn.Conv1d, staticmethod(F.conv1d)
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Conv1d, rank: int) -> "LowRankConv1d":
+        return cls.from_conv(conv, rank)

@@ -67,7 +67,8 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int]) -> int
 def choose_rank(singular_values: torch.Tensor, spec: RankSpec, shape: tuple[int, int]) -> int:
     """The rank D in [1, min(m, n)] that ``spec`` asks for on a matrix of this ``shape``.
 
-    ``singular_values`` are in descending order (as torch.linalg.svd returns them).
+    ``singular_values`` are in descending order (as torch.linalg.svd returns them); only
+    ``energy`` reads them (None will do for the other kinds).
     """
     m, n = shape
     full = min(m, n)

@@ -14,6 +14,8 @@ class KeepDense(str, Enum):
     OUTPUT_LAYER = "output layer"
     GROUPED_CONV = "grouped conv"
     UNSUPPORTED = "unsupported module type"
+    EMBEDDING = "embedding (a lookup, not a matmul)"
+    VECTOR = "norm or vector parameters only"
     NO_SAVING = "saves no parameters"
     NOT_FASTER = "not faster"
     BY_ALLOCATION = "dense by allocation"
@@ -65,8 +67,10 @@ class CompressionReport:
         return [r for r in self.layers if r.rank is not None]
 
     def considered(self) -> list[LayerReport]:
-        """The layers compress_ could have factorised (not output, unsupported or grouped)."""
-        skip = (KeepDense.OUTPUT_LAYER, KeepDense.GROUPED_CONV, KeepDense.UNSUPPORTED)
+        """The layers compress_ could have factorised (not the output layer, a grouped conv,
+        an embedding, a norm or an unsupported type)."""
+        skip = (KeepDense.OUTPUT_LAYER, KeepDense.GROUPED_CONV, KeepDense.UNSUPPORTED,
+                KeepDense.EMBEDDING, KeepDense.VECTOR)
         return [r for r in self.layers if r.reason not in skip]
 
     def to_dict(self) -> dict:

@@ -29,9 +29,8 @@ def output_layer_name(model: nn.Module) -> str | None:
     return last
 
 
-def _has_matrix_weight(module: nn.Module) -> bool:
-    w = module._parameters.get("weight")
-    return w is not None and w.dim() >= 2
+def _has_parameters(module: nn.Module) -> bool:
+    return any(p is not None for p in module._parameters.values())
 
 
 def module_names(model: nn.Module) -> dict[int, list[str]]:
@@ -46,8 +45,8 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
 def candidate_modules(model: nn.Module, target_modules=None,
                       exclude_modules=None) -> Iterator[tuple[str, nn.Module, LayerKind | None]]:
     """(name, module, kind) of every module that passes the include/exclude filters and is
-    either of a registered dense kind or holds a matrix weight of a type no kind claims
-    (kind None: the caller reports it as unsupported). A module reachable under several
+    either of a registered dense kind or holds parameters of its own (kind None: the caller
+    reports why it stays dense: an embedding, a norm, an unsupported type). A module reachable under several
     names is yielded once, under its first name; it is a target when one of its names is
     targeted and none is excluded."""
     names = module_names(model)
@@ -55,7 +54,7 @@ def candidate_modules(model: nn.Module, target_modules=None,
         if not name or low_rank_kind(module) is not None:
             continue  # the root itself cannot be replaced in place
         kind = dense_kind(module)
-        if kind is None and not _has_matrix_weight(module):
+        if kind is None and not _has_parameters(module):
             continue
         aliases = names[id(module)]
         if target_modules is not None and not any(name_matches(n, target_modules) for n in aliases):

@@ -18,21 +18,15 @@ import torch
 from torch import nn
 
 from ..core.archs import Architecture
-from ..core.compress import compress_
-from ..core.config import SVDConfig
 from ..core.errors import ConfigError, FormatError, require
-from ..core.files import check_destination
-from ..core.io import load, save
-from ..core.report import CompressionReport, model_size
-from ..core.runinfo import RunInfo
 
 # Files that describe the model and its tokenizer (copied next to the compressed weights).
-CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                "special_tokens_map.json", "merges.txt", "vocab.json", "sentencepiece.bpe.model",
-                "spiece.model")
+CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "vocab.txt", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+                "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
 
 
-def _transformers():
+def transformers_lib():
     transformers = require("transformers", extra="hf")
     transformers.logging.set_verbosity_error()  # its load-time chatter is not for our users
     return transformers
@@ -58,6 +52,10 @@ class SentenceEncoder(nn.Module):
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         return nn.functional.normalize(out, dim=-1) if self.normalize else out
+
+    @property
+    def hf_config(self):
+        return self.encoder.config
 
     def arch_spec(self) -> dict:
         return {"name": "hf-encoder", "pooling": self.pooling, "normalize": self.normalize,
@@ -108,7 +106,7 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
         raise FormatError(f"not a Hugging Face model directory (no config.json): {path}")
-    tf = _transformers()
+    tf = transformers_lib()
     if (path / "modules.json").is_file():
         pooling, normalize, base, max_length = _pooling_of(path)
     else:
@@ -126,7 +124,7 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
 
 def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
     """An empty encoder of a saved run's architecture (its config.json), tokenizer included."""
-    tf = _transformers()
+    tf = transformers_lib()
     directory = Path(directory)
     try:
         config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
@@ -140,18 +138,20 @@ def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
     return model
 
 
-def copy_config(model: SentenceEncoder, out: str | Path) -> None:
-    """Put the base model's config and tokenizer files beside the compressed weights."""
+def copy_config(model: nn.Module, out: str | Path) -> None:
+    """Put the model's config and tokenizer files beside the compressed weights: copied from
+    the directory it was loaded from, or written from the objects in memory."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     src = getattr(model, "source_dir", None)
-    if src is not None:
+    if src is not None and (Path(src) / "config.json").is_file():
         for name in CONFIG_FILES:
             if (Path(src) / name).is_file():
-                shutil.copy2(Path(src) / name, out / name)
+                shutil.copyfile(Path(src) / name, out / name)
     else:
-        model.encoder.config.to_json_file(str(out / "config.json"))
-        model.tokenizer.save_pretrained(str(out))
+        model.hf_config.to_json_file(str(out / "config.json"))
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(out))
 
 
 def text_batches(model: SentenceEncoder, texts: list[str], batch_size: int = 32) -> list[dict]:
@@ -250,42 +250,6 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise ConfigError(f"text file {path} has no sentences")
     return texts
-
-
-def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str | None = None,
-                calib_sentences: int = 512, overwrite: bool = False) -> tuple[CompressionReport, float]:
-    """Load a local Hugging Face model, compress it (calibrated on ``calib``, a text file, or
-    generated sentences), save it to ``out``. Returns (report, seconds)."""
-    check_destination(out, overwrite=overwrite, sources=[path])
-    t0 = time.perf_counter()
-    model = load_encoder(path)
-    batches = None
-    if config.method == "whiten":
-        texts = read_texts(calib) if calib else calibration_sentences(calib_sentences)
-        batches = text_batches(model, texts)
-    report = compress_(model, config, batches, progress=True)
-    seconds = time.perf_counter() - t0
-    save(model, out, config=config, info=RunInfo(
-        source=str(path), compression=report.to_dict(), seconds=seconds, metrics=model_size(model),
-        calibration=calib or f"{calib_sentences} generated sentences"), overwrite=overwrite)
-    return report, seconds
-
-
-def eval_embeddings_run(run: str | Path, reference: str | Path, texts: str | None = None,
-                        sentences: int = 3000) -> dict:
-    """A compressed encoder's embeddings against its uncompressed reference, without labels."""
-    if sentences > EVAL_SENTENCES:
-        raise ConfigError(f"sentences must be at most {EVAL_SENTENCES}")
-    model = load(run)
-    if not isinstance(model, SentenceEncoder):
-        raise ConfigError(f"{run} is not a sentence encoder run")
-    ref = load_encoder(reference)
-    text = read_texts(texts) if texts else synthetic_sentences(sentences, seed=0)
-    m = compare_embeddings(model, ref, text)
-    m["params"] = sum(p.numel() for p in model.parameters())
-    m["reference_params"] = sum(p.numel() for p in ref.parameters())
-    m["file_bytes"] = file_size(run)
-    return m
 
 
 def _build(spec: dict, directory: Path) -> SentenceEncoder:

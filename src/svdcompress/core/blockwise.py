@@ -1,0 +1,269 @@
+"""Block-wise calibration (as SVD-LLM and GPTQ do): compress a model with repeated blocks
+one block at a time, in memory bounded by two block boundaries, whatever its depth.
+
+The inputs of the first block (and the keyword arguments every block gets: attention
+masks, position ids or embeddings) are captured once. Then, for each block: the layers'
+statistics come from the current block inputs, the block's layers are compressed in the
+order they run (layers fed the same tensor, as q, k and v are, share one statistic),
+and the block's outputs become the next block's inputs. With sequential (compensated)
+calibration two streams run side by side: the original network's block inputs and the
+compressed network's, so each layer is fitted to reproduce its original outputs from the
+inputs the compressed layers before it produce, exactly as the per-layer path does.
+
+A model whose blocks are not chained (a block's output is not the next block's input, or
+blocks get different keyword arguments) is left to the per-layer path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .kinds import dense_kind, low_rank_kind
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of same-type blocks that holds the most of the target layers ``names``."""
+    best, most = None, 0
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(b) for b in module}) != 1 or dense_kind(module[0]) or low_rank_kind(module[0]):
+            continue
+        inside = sum(n.startswith(prefix + ".") for n in names)
+        if inside > most:
+            best, most = (prefix, module), inside
+    return best
+
+
+@dataclass
+class Stream:
+    """One batch's block inputs: the hidden states, the other positional arguments and the
+    keyword arguments the blocks are called with."""
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def run(self, block: nn.Module, device, hidden=None) -> torch.Tensor:
+        h = _to(self.hidden if hidden is None else hidden, device)
+        return _first(block(h, *_to(self.args, device), **_to(self.kwargs, device)))
+
+
+@torch.no_grad()
+def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Callable,
+            chained_check: bool = True) -> list[Stream] | None:
+    """The first block's inputs for every batch (one partial forward pass each); None when
+    the blocks are not chained, checked on the first batch."""
+    seen: list = []
+
+    def grab(module, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Stop
+
+    streams = []
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in batches:
+            seen.clear()
+            try:
+                forward(model, batch)
+            except _Stop:
+                pass
+            if not seen:
+                return None
+            args, kwargs = seen[0]
+            if not args:
+                return None
+            streams.append(Stream(args[0].detach(), tuple(args[1:]), dict(kwargs)))
+    finally:
+        handle.remove()
+    if chained_check and not _chained(model, blocks, batches[0], forward):
+        return None
+    return streams
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+@torch.no_grad()
+def _chained(model, blocks, batch, forward) -> bool:
+    """Every block's input is the previous block's output, and all get the same arguments."""
+    calls: list = [None] * len(blocks)
+    outs: list = [None] * len(blocks)
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, k, i=i: calls.__setitem__(i, (a, k)), with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, _first(o))))
+    try:
+        forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(c is None or not c[0] for c in calls):
+        return False
+    for i in range(1, len(blocks)):
+        args, kwargs = calls[i]
+        if not (_same(args[1:], calls[0][0][1:]) and _same(kwargs, calls[0][1])):
+            return False
+        if not isinstance(outs[i - 1], torch.Tensor) or not _same(args[0], outs[i - 1]):
+            return False
+    return True
+
+
+@dataclass
+class Group:
+    """Target layers of one block fed the same input tensor (q, k, v), in run order."""
+
+    names: list[str]  # names inside the block
+    calls: int  # how often the first of them runs per block forward
+
+
+@torch.no_grad()
+def discover(block: nn.Module, names: list[str], stream: Stream, device) -> list[Group]:
+    """Group the block's target layers by the tensor they are fed, in the order they run."""
+    order: list[tuple[str, object]] = []
+    keep = []  # hold the inputs so their ids stay unique during the pass
+
+    def seen(module, args, name):
+        order.append((name, id(args[0])))
+        keep.append(args[0])
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen(m, a, n)) for n in names]
+    try:
+        stream.run(block, device)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[object, Group] = {}
+    first_input: dict[str, object] = {}
+    for name, ident in order:
+        if name in first_input:
+            continue
+        first_input[name] = ident
+        groups.setdefault(ident, Group([], 0)).names.append(name)
+    for g in groups.values():
+        g.calls = sum(1 for n, _ in order if n == g.names[0])
+    missing = set(names) - set(first_input)
+    if missing:  # never run in this block: nothing to calibrate them on
+        raise RuntimeError(f"layers {sorted(missing)} did not run in their block")
+    return list(groups.values())
+
+
+@torch.no_grad()
+def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hidden=None,
+               stop: bool = True) -> list[torch.Tensor]:
+    """For each group, the rows its weight matrices multiply over all calls of one batch's
+    pass; with ``stop`` the pass ends once the last group's calls are all seen."""
+    rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    handles = []
+    for k, group in enumerate(groups):
+        layer = block.get_submodule(group.names[0])
+
+        def grab(module, args, k=k, kind=dense_kind(layer), calls=group.calls):
+            rows[k].append(kind.inputs(module, args[0]).detach().to(torch.float64))
+            if stop and k == len(groups) - 1 and len(rows[k]) == calls:
+                raise _Stop
+        handles.append(layer.register_forward_pre_hook(grab))
+    try:
+        stream.run(block, device, hidden)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(r) for r in rows]
+
+
+class Moments:
+    """Running sums of y y^T and x y^T over paired rows (float64), and their count."""
+
+    def __init__(self) -> None:
+        self.yy = self.xy = None
+        self.count = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        self.yy = y.T @ y if self.yy is None else self.yy.addmm_(y.T, y)
+        if x is not None:
+            self.xy = x.T @ y if self.xy is None else self.xy.addmm_(x.T, y)
+        self.count += y.shape[0]
+
+
+@torch.no_grad()
+def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], streams: list[Stream],
+                    finish: Callable, sequential: bool, device=None, progress: bool = False) -> None:
+    """Compress the target layers ``names`` (full names, all inside ``blocks``) block by block.
+
+    ``finish(full_name, gram, cross)`` factorises one layer and puts it in place. With
+    sequential calibration ``gram`` = E[x' x'^T] and ``cross`` = E[x x'^T], x the layer's
+    inputs in the original network and x' in the compressed one; with parallel calibration
+    ``gram`` = E[x x^T] and ``cross`` is None. ``streams`` (the first block's inputs) are
+    consumed: each block's outputs replace its inputs.
+    """
+    device = torch.device(device or "cpu")
+    original = list(streams)  # the original network's block inputs
+    compressed = [s.hidden for s in streams] if sequential else None
+    bar = tqdm(list(enumerate(blocks)), desc="calibrating blocks", disable=not progress, leave=False)
+    for i, block in bar:
+        home = next(block.parameters()).device
+        block.to(device).eval()
+        here = f"{prefix}.{i}."
+        inside = [n[len(here):] for n in names if n.startswith(here)]
+        groups = discover(block, inside, original[0], device) if inside else []
+        if sequential:
+            dense = copy.deepcopy(block)  # the original block, for the original stream
+            for group in groups:  # in run order: each fitted after those before it changed
+                stats = Moments()
+                for j, s in enumerate(original):
+                    x, = group_rows(dense, [group], s, device)
+                    y, = group_rows(block, [group], s, device, compressed[j])
+                    stats.add(y, x)
+                for name in group.names:
+                    finish(here + name, stats.yy / stats.count, stats.xy / stats.count)
+            for j, s in enumerate(original):  # the outputs feed the next block
+                compressed[j] = s.run(block, device, compressed[j]).to(s.hidden.device)
+                original[j] = Stream(s.run(dense, device).to(s.hidden.device), s.args, s.kwargs)
+            del dense
+        else:
+            stats = [Moments() for _ in groups]
+            for s in original:  # every group's rows from one pass of the dense block
+                for m, rows in zip(stats, group_rows(block, groups, s, device, stop=False)):
+                    m.add(rows)
+            for j, s in enumerate(original):  # propagate before the block changes
+                original[j] = Stream(s.run(block, device).to(s.hidden.device), s.args, s.kwargs)
+            for group, m in zip(groups, stats):
+                for name in group.names:
+                    finish(here + name, m.yy / m.count, None)
+        block.to(home)

@@ -1,0 +1,164 @@
+"""Hugging Face causal language models (GPT-2, Llama, Mistral, Qwen, Phi, ...): loading
+offline, calibration text, sliding-window perplexity.
+
+Needs the optional extra ``svdcompress[hf]``. Models load from local directories only, from
+safetensors, with no remote code; a compressed run keeps the config and tokenizer beside
+its weights, so ``svdcompress.load(run)`` rebuilds it offline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.archs import Architecture
+from ..core.errors import ConfigError, FormatError
+from ..core.io import load
+from .hf import transformers_lib, copy_config, file_size, read_texts
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM: token ids -> next-token logits (no cache)."""
+
+    def __init__(self, model: nn.Module, max_length: int = 1024) -> None:
+        super().__init__()
+        self.model, self.max_length = model, max_length
+        self.tokenizer = None  # set when loaded; not a module, not saved in the state
+
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def arch_spec(self) -> dict:
+        return {"name": "hf-causal-lm", "max_length": self.max_length}
+
+    def example_inputs(self, batch: int, device="cpu", tokens: int = 64) -> dict:
+        """Random token ids (benchmarks, ONNX export)."""
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.hf_config.vocab_size, (batch, tokens), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def is_causal_lm(architectures) -> bool:
+    """A config whose architectures end in ForCausalLM (or LMHeadModel, as GPT-2's)."""
+    return isinstance(architectures, list) and any(
+        isinstance(n, str) and n.endswith(("ForCausalLM", "LMHeadModel")) for n in architectures)
+
+
+def _max_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1024
+
+
+def load_causal_lm(path: str | Path) -> CausalLM:
+    """A pretrained causal LM from a local Hugging Face directory, in its saved dtype."""
+    tf = transformers_lib()
+    path = Path(path)
+    try:
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                     use_safetensors=True, dtype="auto")
+    except (OSError, ValueError) as err:
+        raise FormatError(f"cannot load the causal LM in {path}: {err}") from None
+    model = CausalLM(hf.eval(), _max_length(hf.config))
+    model.tokenizer = _tokenizer(tf, path)
+    model.source_dir = path
+    return model
+
+
+def _tokenizer(tf, path: Path):
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None  # a model saved without one: token ids only
+
+
+def build_causal_lm(spec: dict, directory: Path) -> CausalLM:
+    """An empty causal LM of a saved run's architecture (its config.json)."""
+    tf = transformers_lib()
+    try:
+        config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        hf = tf.AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as err:
+        raise FormatError(f"cannot rebuild the causal LM in {directory}: {err}") from None
+    model = CausalLM(hf.eval(), int(spec.get("max_length", 1024)))
+    model.tokenizer = _tokenizer(tf, directory)
+    return model
+
+
+def token_ids(model: CausalLM, text_file: str | Path) -> torch.Tensor:
+    """A UTF-8 text file as one stream of token ids (its lines joined by newlines)."""
+    if model.tokenizer is None:
+        raise ConfigError("this model has no tokenizer: it cannot read text")
+    text = "\n".join(read_texts(text_file))
+    return torch.tensor(model.tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
+
+
+def text_sequences(ids: torch.Tensor, seq_len: int, count: int | None = None,
+                   batch_size: int = 8) -> list[dict]:
+    """Calibration batches: consecutive sequences of ``seq_len`` tokens (at most ``count``)."""
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ConfigError(f"the calibration text has {len(ids)} tokens, fewer than one sequence "
+                          f"of {seq_len}")
+    n = min(n, count) if count else n
+    seqs = ids[:n * seq_len].reshape(n, seq_len)
+    return [{"input_ids": seqs[i:i + batch_size], "attention_mask": torch.ones_like(seqs[i:i + batch_size])}
+            for i in range(0, n, batch_size)]
+
+
+@torch.no_grad()
+def perplexity(model: CausalLM, ids: torch.Tensor, window: int = 512, stride: int = 256) -> dict:
+    """Sliding-window perplexity: each window scores only the tokens the previous window did
+    not, with up to ``window - stride`` tokens of context before them."""
+    if not 0 < stride <= window:
+        raise ConfigError(f"stride must be in [1, window], got {stride} and {window}")
+    model.eval()
+    nll, count, prev_end = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for begin in range(0, max(1, len(ids) - 1), stride):
+        end = min(begin + window, len(ids))
+        chunk = ids[begin:end].unsqueeze(0)
+        logits = model(chunk).float()
+        targets = chunk[0, 1:].clone()
+        first = max(prev_end, begin + 1) - (begin + 1)  # already-scored tokens are context only
+        losses = nn.functional.cross_entropy(logits[0, :-1], targets, reduction="none")[first:]
+        nll += float(losses.sum())
+        count += losses.numel()
+        prev_end = end
+        if end == len(ids):
+            break
+    seconds = time.perf_counter() - t0
+    if count == 0:
+        raise ConfigError("the evaluation text is too short: it needs at least two tokens")
+    return {"perplexity": math.exp(nll / count), "tokens": count, "tokens_per_second": count / seconds}
+
+
+def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window: int = 512,
+                stride: int = 256) -> dict:
+    """Perplexity, speed and size of a compressed causal LM against its reference."""
+    model = load(run)
+    if not isinstance(model, CausalLM):
+        raise ConfigError(f"{run} is not a causal language model run")
+    ref = load_causal_lm(reference)
+    ids = token_ids(ref, text)
+    out = {"window": window, "stride": stride}
+    for name, m in (("compressed", model), ("reference", ref)):
+        out[name] = {**perplexity(m, ids, window, stride),
+                     "params": sum(p.numel() for p in m.parameters())}
+    out["compressed"]["file_bytes"] = file_size(run)
+    return out
+
+
+# Found by svdcompress.load through the entry point "hf-causal-lm" in pyproject.toml.
+ARCHITECTURE = Architecture("hf-causal-lm", lambda spec, directory: build_causal_lm(spec, directory),
+                            copy_config)

@@ -1,0 +1,168 @@
+"""Any Hugging Face transformer: GPT-2 (transformers' Conv1D) and Llama-style causal LMs,
+block-wise calibration, save/load offline, perplexity. Tiny random models, no downloads."""
+
+import copy
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import svdcompress as sc  # noqa: E402
+from svdcompress.cli import main  # noqa: E402
+from svdcompress.core import compress as compress_module  # noqa: E402
+from svdcompress.core.kinds import dense_kind  # noqa: E402
+from svdcompress.core.swap import replace_module  # noqa: E402
+from svdcompress.integrations.causal_lm import CausalLM, perplexity  # noqa: E402
+from svdcompress.integrations.hf import synthetic_sentences  # noqa: E402
+
+VOCAB = 120
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return CausalLM(transformers.GPT2LMHeadModel(cfg).eval(), 64)
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                   pad_token_id=0)
+    return CausalLM(transformers.LlamaForCausalLM(cfg).eval(), 64)
+
+
+MODELS = {"gpt2": gpt2, "llama": llama}
+
+
+def batches(n=4, tokens=12, pad=False):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (3, tokens), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[1, tokens // 2:] = 0  # a shorter sequence, right-padded
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_full_rank_factors_reproduce_the_logits(name):
+    model = MODELS[name]()
+    b = batches(1)[0]
+    ref = logits(model, b)
+    layers = [(n, m, dense_kind(m)) for n, m in model.named_modules() if dense_kind(m) is not None]
+    assert {k.name for _, _, k in layers} == ({"hf-conv1d", "linear"} if name == "gpt2" else {"linear"})
+    for n, m, kind in layers:  # every layer as exact factors u @ v of full rank
+        dec = sc.svd(kind.matrix(m))
+        u, v = dec.U * dec.S, dec.Vh
+        replace_module(model, n, kind.replace(m, u, v))
+    torch.testing.assert_close(logits(model, b), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_conv1d_layers_compress_and_embeddings_norms_stay_dense_with_reasons():
+    model = gpt2()
+    before = sum(p.numel() for p in model.parameters())
+    report = sc.compress_(model, sc.SVDConfig(rank=4))
+    rows = {r.name: r for r in report.layers}
+    assert len(report.compressed) == 12  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj x 3 blocks
+    assert rows["model.transformer.wte"].reason is sc.KeepDense.EMBEDDING
+    assert rows["model.transformer.h.0.ln_1"].reason is sc.KeepDense.VECTOR
+    assert rows["model.lm_head"].reason is sc.KeepDense.OUTPUT_LAYER
+    after = sum(p.numel() for p in model.parameters())
+    assert before - after == report.params_before - report.params_after > 0  # tied wte counted once
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_blockwise_and_per_layer_calibration_give_the_same_factors(name, sequential, monkeypatch):
+    base = MODELS[name]()
+    data = batches(pad=True)  # padded: the attention masks must reach every block
+    models = {}
+    for blockwise in (True, False):
+        model = copy.deepcopy(base)
+        cfg = sc.SVDConfig(ratio=0.4, method="whiten", sequential=sequential, blockwise=blockwise)
+        models[blockwise] = model, sc.compress_(model, cfg, data)
+    (a, ra), (b, rb) = models[True], models[False]
+    assert [r.rank for r in ra.layers] == [r.rank for r in rb.layers] and ra.compressed
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_blockwise_path_records_no_per_layer_inputs(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("the per-layer path ran")
+    monkeypatch.setattr(compress_module, "record_inputs", forbidden)
+    monkeypatch.setattr(compress_module, "collect", forbidden)
+    sc.compress_(llama(), sc.SVDConfig(rank=4, method="whiten"), batches())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_keeps_its_dtype(tmp_path, dtype):
+    model = llama().to(dtype)
+    sc.compress_(model, sc.SVDConfig(rank=4, method="whiten"), batches())
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    model.model.config.dtype = dtype
+    sc.save(model, tmp_path / "run")
+    loaded = sc.load(tmp_path / "run")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    b = batches(1)[0]  # (rotary buffers, not saved, are rebuilt in float32: bf16-level agreement)
+    torch.testing.assert_close(logits(loaded, b), logits(model, b), atol=1e-2, rtol=1e-2)
+
+
+def make_tokenizer(directory, texts):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, tokenizers.trainers.WordLevelTrainer(
+        vocab_size=VOCAB, special_tokens=["[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cli_compresses_a_causal_lm_dir_saves_it_offline_and_scores_perplexity(name, tmp_path, capsys):
+    texts = synthetic_sentences(400)
+    src = tmp_path / "src"
+    MODELS[name]().model.save_pretrained(str(src))
+    make_tokenizer(src, texts)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(texts[:200]))
+    out = tmp_path / "run"
+    assert main(["compress", "--hf", str(src), "--ratio", "0.5", "--method", "whiten", "--calib", str(text),
+                 "--seq-len", "16", "--calib-seqs", "8", "--out", str(out)]) == 0
+    model = sc.load(out)
+    assert isinstance(model, CausalLM) and model.tokenizer is not None
+    source = transformers.AutoModelForCausalLM.from_pretrained(str(src))
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in source.parameters())
+    capsys.readouterr()
+    assert main(["eval-lm", str(out), "--reference", str(src), "--text", str(text), "--window", "32",
+                 "--stride", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "reference" in printed
+    assert main(["compress", "--hf", str(src), "--ratio", "0.5", "--method", "whiten",
+                 "--out", str(tmp_path / "x")]) == 2  # a causal LM needs calibration text
+
+
+def test_sliding_window_perplexity_scores_every_token_once():
+    model = gpt2()
+    ids = torch.randint(1, VOCAB, (50,), generator=torch.Generator().manual_seed(0))
+    whole = perplexity(model, ids, window=64, stride=64)
+    assert whole["tokens"] == 49
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(ids[None])[0, :-1], ids[1:])
+    assert whole["perplexity"] == pytest.approx(float(ref.exp()), rel=1e-5)
+    slid = perplexity(model, ids, window=16, stride=8)
+    assert slid["tokens"] == 49
