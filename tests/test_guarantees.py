@@ -11,7 +11,7 @@ import svdcompress as sc
 from svdcompress.cli import main
 from svdcompress.study import MLP
 from svdcompress.study import train as train_module
-from svdcompress.study.train import CHECKPOINT, TrainConfig, TrainingDiverged, read_checkpoint, train
+from svdcompress.study.train import _sealed, CHECKPOINT, TrainConfig, TrainingDiverged, read_checkpoint, train
 from tests.test_data import make_mnist_dir
 from tests.test_io import edit_meta, rehash
 from tests.test_study import TINY, cli
@@ -62,10 +62,11 @@ def test_a_changed_checkpoint_is_refused_on_resume(base, capsys):
 def test_the_source_run_as_out_is_always_refused(base, capsys):
     before = (base / "model.safetensors").read_bytes()
     for extra in ((), ("--overwrite",)):
-        one_line_exit_2(capsys, "compress", base, "--rank", 2, "--out", base, *extra,
-                        message="is the source run itself")
-        one_line_exit_2(capsys, "finetune", base, "--out", base, "--quiet", *extra,
-                        message="is the source run itself")
+        for out in (base, base.parent, base / "inside"):  # itself, a folder holding it, within it
+            one_line_exit_2(capsys, "compress", base, "--rank", 2, "--out", out, *extra,
+                            message="holds or lies inside the source")
+            one_line_exit_2(capsys, "finetune", base, "--out", out, "--quiet", *extra,
+                            message="holds or lies inside the source")
     assert (base / "model.safetensors").read_bytes() == before
 
 
@@ -187,6 +188,7 @@ def test_malformed_checkpoint_fields_are_one_line(tmp_path, data_dir, capsys, fi
     ckpt = out / CHECKPOINT
     info, tensors = read_checkpoint(ckpt)
     info[field] = value
+    info["digest"] = _sealed(info, tensors)  # consistent but wrong: the fields are checked too
     save_file(tensors, str(ckpt), metadata={"svdcompress": json.dumps(info)})
     rehash(out)
     one_line_exit_2(capsys, "train", "--data", data_dir, "--epochs", 2, "--out", out, "--resume",
@@ -320,7 +322,138 @@ def test_runs_of_format_version_1_without_hashes_still_load(tmp_path):
     sc.save(model, tmp_path / "run")
     edit_meta(tmp_path / "run", lambda m: (m.pop("files"), m.update(format_version=1)))
     x = torch.randn(2, 8)
-    assert torch.equal(sc.load(tmp_path / "run")(x), model(x))
+    with pytest.warns(UserWarning, match="format_version 1: its files carry no hashes"):
+        assert torch.equal(sc.load(tmp_path / "run")(x), model(x))
     edit_meta(tmp_path / "run", lambda m: m.update(format_version=2))  # 2 must list its files
     with pytest.raises(sc.FormatError, match="'files' must record every file"):
         sc.load(tmp_path / "run")
+
+
+
+# ---------------------------------------------------------------- found by a hostile probe
+
+def test_a_source_named_like_the_training_work_directory_is_refused(tmp_path, base, capsys):
+    src = tmp_path / "ft.partial"
+    assert cli(capsys, "compress", base, "--rank", 2, "--out", src)[0] == 0
+    one_line_exit_2(capsys, "finetune", src, "--out", tmp_path / "ft", "--quiet", "--overwrite",
+                    message="keeps its checkpoints")
+    assert sc.read_meta(src)
+
+
+def test_an_out_that_appears_during_training_is_not_replaced(tmp_path, data_dir, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = train_module.train
+
+    def meanwhile(*args, **kwargs):  # another program writes into OUT while we train
+        out.mkdir()
+        (out / "notes.txt").write_text("important")
+        return real(*args, **kwargs)
+    monkeypatch.setattr("svdcompress.study.runs.train", meanwhile)
+    one_line_exit_2(capsys, "train", "--data", data_dir, "--epochs", 1, "--out", out, *TINY,
+                    message="--overwrite")
+    assert (out / "notes.txt").read_text() == "important"
+    assert (tmp_path / "run.partial" / CHECKPOINT).is_file()  # the work is kept: --resume saves it
+
+
+def test_a_symbolic_link_as_out_is_refused(tmp_path, base, capsys):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "target")
+    one_line_exit_2(capsys, "compress", base, "--rank", 2, "--out", tmp_path / "latest", "--overwrite",
+                    message="is a symbolic link")
+    assert list((tmp_path / "target").iterdir()) == []
+
+
+def test_results_files_never_replace_run_files_or_existing_files(tmp_path, base, capsys):
+    run = tmp_path / "d2"
+    assert cli(capsys, "compress", base, "--rank", 2, "--out", run)[0] == 0
+    for argv in (("sweep", run, "--ranks", 2, "--methods", "plain", "--out", run / "svdcompress.json",
+                  "--overwrite"),
+                 ("bench", run, "--batch", 1, "--repeats", 1, "--out", run / "model.safetensors", "--overwrite"),
+                 ("export", run, "--onnx", run / "model.safetensors", "--overwrite")):
+        one_line_exit_2(capsys, *argv, message="one of the run's own files")
+    code, _, err = cli(capsys, "sweep", base, "--ranks", 2, "--methods", "plain")
+    assert code == 0, err
+    one_line_exit_2(capsys, "sweep", base, "--ranks", 2, "--methods", "plain", message="--overwrite")
+    one_line_exit_2(capsys, "sweep", base, "--ranks", 2, "--methods", ",", "--overwrite", message="methods")
+    assert sc.load(run)
+
+
+def test_multihead_attention_out_proj_stays_dense_and_the_model_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), nn.Linear(32, 4))
+    report = sc.compress_(model, sc.SVDConfig(rank=4))
+    rows = {r.name: r for r in report.layers}
+    assert rows["0.self_attn.out_proj"].reason is sc.KeepDense.READ_DIRECTLY
+    assert isinstance(model[0].linear1, sc.LowRankLinear)
+    assert model(torch.randn(2, 5, 32)).shape == (2, 5, 4)
+
+
+def test_tied_entries_that_name_stored_or_untied_tensors_are_refused(tmp_path, base, capsys):
+    edit_meta(base, lambda m: m.update(tied={"hidden.0.bias": "hidden.1.bias"}))
+    one_line_exit_2(capsys, "eval", base, message="the alias must not be")
+
+
+@pytest.mark.parametrize("field,value", [("param_groups", "lr"), ("history", "rows")])
+def test_checkpoint_metadata_is_sealed_by_its_digest(tmp_path, data_dir, capsys, field, value):
+    out = tmp_path / "run"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 1, "--out", out, *TINY)[0] == 0
+    ckpt = out / CHECKPOINT
+    info, tensors = read_checkpoint(ckpt)
+    if field == "param_groups":
+        info["param_groups"][0]["lr"] = 0.5
+    else:
+        info["history"] = [{}]
+    save_file(tensors, str(ckpt), metadata={"svdcompress": json.dumps(info)})
+    rehash(out)
+    one_line_exit_2(capsys, "train", "--data", data_dir, "--epochs", 2, "--out", out, "--resume",
+                    *TINY, message="do not match the digest")
+
+
+def test_resume_refuses_other_data_or_fewer_epochs(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert cli(capsys, "train", "--data", data_dir, "--epochs", 2, "--out", out, *TINY)[0] == 0
+    other = make_mnist_dir(tmp_path / "other", n_train=200, n_test=50, seed=5)
+    one_line_exit_2(capsys, "train", "--data", other, "--epochs", 3, "--out", out, "--resume", *TINY,
+                    message="other data, source or projection")
+    one_line_exit_2(capsys, "train", "--data", data_dir, "--epochs", 1, "--out", out, "--resume", *TINY,
+                    message="more than --epochs 1")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "{base}", "--rank", "2", "--out", ".", "--overwrite"], "holds or lies inside"),
+    (["train", "--data", "{data}", "--seed", "99999999999999999999", "--out", "{tmp}/s"], "seed"),
+    (["compress", "{base}", "--rank", "2", "--method", "whiten", "--damping", "inf", "--out", "{tmp}/x"],
+     "damping"),
+    (["train", "--data", "{data}", "--width", "1000000000", "--out", "{tmp}/w"], "the limit is 2^31"),
+])
+def test_odd_arguments_are_one_line(tmp_path, base, data_dir, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(base=base, tmp=tmp_path, data=data_dir) for a in argv]
+    one_line_exit_2(capsys, *argv, message=message)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["architecture"].update(hidden=[10 ** 12]), "the limit is 2^31"),
+    (lambda m: m["architecture"].update(hidden=[25, 24]), "shape"),
+])
+def test_an_architecture_that_does_not_fit_the_file_is_refused_before_allocation(base, capsys, edit, message):
+    edit_meta(base, edit)
+    one_line_exit_2(capsys, "eval", base, message=message)
+
+
+def test_forged_files_are_one_line(tmp_path, base, capsys, data_dir):
+    (base / "svdcompress.json").write_text("[" * 100000 + "]" * 100000)
+    one_line_exit_2(capsys, "eval", base, message="not valid JSON")
+    (base / "svdcompress.json").write_text('{"format": "svdcompress", "x": ' + "9" * 5000 + "}")
+    one_line_exit_2(capsys, "eval", base, message="not valid JSON")
+    images = data_dir / "train-images-idx3-ubyte"
+    images.write_bytes((0x803).to_bytes(4, "big") + (2 ** 21).to_bytes(4, "big") * 2
+                       + (2 ** 22).to_bytes(4, "big"))
+    one_line_exit_2(capsys, "train", "--data", data_dir, "--out", tmp_path / "x", *TINY,
+                    message="header declares")
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.chdir(data_dir.parent)
+    assert cli(capsys, "train", "--data", data_dir.name, "--epochs", 1, "--out", "rel", *TINY)[0] == 0
+    assert sc.read_info(tmp_path / "rel").data.name == str(data_dir.resolve())

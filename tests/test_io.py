@@ -66,7 +66,7 @@ def test_missing_directory_and_files(tmp_path):
         sc.load(tmp_path / "nope", model=ToyNet())
     compressed_toy(tmp_path / "run")
     (tmp_path / "run" / "model.safetensors").unlink()
-    with pytest.raises(FormatError, match="model.safetensors not found"):
+    with pytest.raises(FormatError, match="model.safetensors. not found: the run .* is incomplete"):
         sc.load(tmp_path / "run", model=ToyNet())
 
 

@@ -8,11 +8,15 @@ traceback instead. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import signal
 import sys
 import traceback
 
 from . import __version__
+from .core import dist
 from .core.config import SVDConfig
 from .core.errors import SVDCompressError
 from .core.io import load, read_meta
@@ -125,7 +129,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_sweep(args) -> None:
     table, out = sweep_run(args.run, args.ranks, args.methods, data=args.data,
-                           calib_batches=args.calib_batches, out=args.out)
+                           calib_batches=args.calib_batches, out=args.out, overwrite=args.overwrite)
     first = table[args.methods[0]]
     print(f"{'D':>5} " + " ".join(f"{m + ' acc.':>12}" for m in args.methods)
           + f" {'parameters':>12} {'bytes':>12} {'smaller':>8}")
@@ -180,7 +184,8 @@ def cmd_eval_lm(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    result, out = bench_run(args.run, args.batch, args.threads, args.repeats, args.out)
+    result, out = bench_run(args.run, args.batch, args.threads, args.repeats, args.out,
+                            args.overwrite)
     for r in result["rows"]:
         print(f"{r['device']} batch {r['batch']:>4}: dense {r['dense_ms']:8.3f} ms, compressed "
               f"{r['compressed_ms']:8.3f} ms, speed-up {r['speedup']:5.2f}x "
@@ -189,7 +194,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_export(args) -> None:
-    print(f"wrote {args.onnx}: {json.dumps(export_run(args.run, args.onnx))}")
+    print(f"wrote {args.onnx}: {json.dumps(export_run(args.run, args.onnx, args.overwrite))}")
 
 
 def cmd_reproduce(args) -> None:
@@ -251,6 +256,7 @@ def build_parser() -> Parser:
     s.add_argument("--calib-batches", type=positive_int, default=64,
                    help="training batches of 128 that calibrate whitening (default 64)")
     s.add_argument("--out", help="results JSON (default RUN/results.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("compress", help="factorise a run's (or a Hugging Face model's) layers and save the result")
@@ -323,11 +329,13 @@ def build_parser() -> Parser:
     s.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     s.add_argument("--repeats", type=positive_int, default=30, help="timed repeats after warm-up (default 30)")
     s.add_argument("--out", help="JSON file (default RUN/bench.json)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("export", help="ONNX export of a run, checked against PyTorch with onnxruntime")
     s.add_argument("run")
     s.add_argument("--onnx", required=True, help="the .onnx file to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing file")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("eval", help="accuracy, loss, parameters and bytes of a run")
@@ -361,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        args.func(args)
+        dist.setup(getattr(args, "device", "cpu"))  # under torchrun: join its process group
+        if dist.active():
+            signal.signal(signal.SIGTERM, _stopped)
+        with contextlib.redirect_stdout(sys.stdout if dist.is_main() else io.StringIO()):
+            args.func(args)
     except (SVDCompressError, OSError) as err:  # user-caused: bad value, bad or missing file
         if getattr(args, "debug", False):
             traceback.print_exc()
@@ -370,7 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdcompress: interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.teardown()
     return 0
+
+
+def _stopped(signum, frame):
+    """torchrun stops the other processes when one fails: say so, on every one."""
+    raise dist.RankFailed(f"rank {dist.rank()}: stopped because another process of the job failed")
 
 
 if __name__ == "__main__":

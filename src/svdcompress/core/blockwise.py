@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .kinds import dense_kind, low_rank_kind
 
 
@@ -220,6 +221,14 @@ class Moments:
             self.xy = x.T @ y if self.xy is None else self.xy.addmm_(x.T, y)
         self.count += y.shape[0]
 
+    def total(self) -> "Moments":
+        """Under torchrun: the sums over every process's share of the batches."""
+        dist.sum_(self.yy)
+        if self.xy is not None:
+            dist.sum_(self.xy)
+        self.count = dist.sum_int(self.count)
+        return self
+
 
 @torch.no_grad()
 def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], streams: list[Stream],
@@ -250,6 +259,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                     x, = group_rows(dense, [group], s, device)
                     y, = group_rows(block, [group], s, device, compressed[j])
                     stats.add(y, x)
+                stats.total()
                 for name in group.names:
                     finish(here + name, stats.yy / stats.count, stats.xy / stats.count)
             for j, s in enumerate(original):  # the outputs feed the next block
@@ -264,6 +274,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
             for j, s in enumerate(original):  # propagate before the block changes
                 original[j] = Stream(s.run(block, device).to(s.hidden.device), s.args, s.kwargs)
             for group, m in zip(groups, stats):
+                m.total()
                 for name in group.names:
                     finish(here + name, m.yy / m.count, None)
         block.to(home)

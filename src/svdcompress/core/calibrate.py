@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .errors import ConfigError
 from .kinds import dense_kind
 
@@ -79,6 +80,9 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     missing = [n for n, s in stats.items() if s is None]
     if missing:
         raise ConfigError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
+    for s in stats.values():  # under torchrun: the sums over every process's share
+        dist.sum_(s.sum)
+        s.count = dist.sum_int(s.count)
     return {name: _finite(name, s.mean()) for name, s in stats.items()}
 
 
@@ -157,6 +161,9 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
         compressed.train(was)
     if count == 0:
         raise ConfigError(f"no calibration inputs reached layer {name}")
+    dist.sum_(gram)
+    dist.sum_(cross)
+    count = dist.sum_int(count)
     return _finite(name, gram / count), cross / count
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import SVDConfig
+from . import dist
 from .blockwise import capture, compress_blocks, find_blocks
 from .calibrate import collect, collect_paired, record_inputs
 from .factorize import SVD, compensated_svd, split, svd, whitened_svd
@@ -108,12 +109,17 @@ def _batches(calibration) -> list:
 
 def _run_batch(model: nn.Module, batch) -> None:
     """A calibration batch is a tensor, a tuple of positional inputs, or a dict of keywords."""
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+    try:
+        if isinstance(batch, dict):
+            model(**batch)
+        elif isinstance(batch, (tuple, list)):
+            model(*batch)
+        else:
+            model(batch)
+    except TypeError as err:  # most often (inputs, labels) pairs from a DataLoader
+        raise ConfigError(f"the model cannot run a calibration batch ({err}): a batch is a "
+                          "tensor, a tuple of positional inputs or a dict of keyword inputs, "
+                          "without labels") from None
 
 
 def _find_chained_blocks(model: nn.Module, eligible: list, calibration: list):
@@ -148,7 +154,8 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
     whiten = config.method == "whiten"
-    calibration = _batches(calibration) if whiten else None
+    # under torchrun each process streams its share; the statistics are summed over all
+    calibration = dist.share(_batches(calibration)) if whiten else None
     output = output_layer_name(model) if config.skip_output_layer else None
     shared = shared_weights(model)
     counted: set[int] = set()  # parameters already in a report row

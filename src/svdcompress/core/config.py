@@ -84,8 +84,8 @@ class SVDConfig:
         if self.method not in ("plain", "whiten"):
             raise ConfigError(f"method must be 'plain' or 'whiten', got {self.method!r}")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) \
-                or not self.damping >= 0:
-            raise ConfigError(f"damping must be a number >= 0, got {self.damping!r}")
+                or not 0 <= self.damping < float("inf"):
+            raise ConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
         if self.allocation not in ("uniform", "global"):
             raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
         if self.allocation == "global" and self.ratio is None:

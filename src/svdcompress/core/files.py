@@ -26,6 +26,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # again: some writers replace the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,8 +47,8 @@ def read_json(path: str | Path, what: str) -> dict:
         raise FormatError(f"{what} not found: {path}")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FormatError(f"{path} is not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # bad JSON, a 5,000-digit number, deep nesting
+        raise FormatError(f"{path} is not valid JSON: {str(err)[:200]}") from None
     except OSError as err:
         raise FormatError(f"cannot read {path}: {err.strerror}") from None
     if not isinstance(data, dict):
@@ -69,19 +70,51 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
 def check_destination(dest: str | Path, *, overwrite: bool = False, sources=()) -> None:
-    """Refuse to write a run over one of its ``sources``, or over an existing non-empty
-    directory (or any file) unless ``overwrite``: call it before the work, not after."""
+    """Refuse to write a run over one of its ``sources`` (the source itself, a directory
+    holding it, or one inside it: always), over a symbolic link, a file, or an existing
+    non-empty directory unless ``overwrite``. Call it before the work and again before the
+    swap."""
     dest = Path(dest)
+    if dest.is_symlink():
+        raise RunExists(f"{dest} is a symbolic link: give the directory itself")
+    real = dest.resolve()
+    if real == real.parent:
+        raise RunExists(f"{dest} is a filesystem root: give a directory to write the run to")
     for src in sources:
-        if src is not None and Path(src).exists() and dest.exists() and \
-                os.path.samefile(src, dest):
-            raise RunExists(f"the output {dest} is the source run itself: write to another directory")
+        if src is None:
+            continue
+        src = Path(src).resolve()
+        if _within(src, real) or _within(real, src):
+            raise RunExists(f"the output {dest} is, holds or lies inside the source {src}: "
+                            "write to another directory")
     if dest.exists() and not dest.is_dir():
         raise RunExists(f"{dest} exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise RunExists(f"{dest} already exists and is not empty: pass --overwrite "
                         "(overwrite=True) to replace it")
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False, run: str | Path | None = None) -> None:
+    """A results file may replace an existing file only with ``overwrite``, and never one of
+    a run's own files (svdcompress.json and the files it lists)."""
+    path = Path(path)
+    if run is not None and path.resolve().parent == Path(run).resolve():
+        meta = Path(run) / "svdcompress.json"
+        names = {"svdcompress.json"}
+        try:
+            names |= set(json.loads(meta.read_text()).get("files", {}))
+        except (OSError, ValueError, AttributeError):
+            pass
+        if path.name in names:
+            raise RunExists(f"{path} is one of the run's own files: write the results elsewhere")
+    if path.is_dir() or (path.exists() and not overwrite):
+        raise RunExists(f"{path} already exists: pass --overwrite to replace it")
 
 
 _RENAME_EXCHANGE = 2
@@ -125,8 +158,8 @@ def staged_directory(dest: str | Path, *, overwrite: bool = False):
     """Build a directory beside ``dest`` and move it into place only when the block ends
     without error, replacing ``dest`` in one atomic step: a crash at any moment leaves the
     old complete ``dest`` (or none) or the new complete one, never a mix."""
-    dest = Path(dest)
     check_destination(dest, overwrite=overwrite)
+    dest = Path(dest).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in _stale_stages(dest):
         shutil.rmtree(stale, ignore_errors=True)
@@ -136,7 +169,10 @@ def staged_directory(dest: str | Path, *, overwrite: bool = False):
     os.chmod(stage, 0o777 & ~umask)
     try:
         yield stage
+        for p in stage.iterdir():  # the usual permissions, whatever the writer used
+            os.chmod(p, 0o666 & ~umask)
         _fsync_tree(stage)
+        check_destination(dest, overwrite=overwrite)  # it may have appeared meanwhile
         if not dest.exists():
             os.rename(stage, dest)
         elif _exchange(stage, dest):

@@ -11,10 +11,11 @@ refusing non-finite ones and keeping each tensor's dtype. No pickle anywhere.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -63,8 +64,11 @@ def load_state(model: nn.Module, tensors: dict, aliases: dict, where: str = WEIG
             isinstance(a, str) and isinstance(t, str) for a, t in aliases.items()):
         raise FormatError(f"{where}: tied tensors must map names to names")
     for alias, target in aliases.items():
-        if target not in tensors:
-            raise FormatError(f"tied tensor {alias!r} points to missing {target!r}")
+        if target not in tensors or alias in tensors:
+            raise FormatError(f"tied tensor {alias!r} -> {target!r}: the target must be stored "
+                              "in the file and the alias must not be")
+        if alias not in expected or expected[alias].data_ptr() != expected[target].data_ptr():
+            raise FormatError(f"tied tensor {alias!r} is not tied to {target!r} in the model")
         tensors[alias] = tensors[target]
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -170,6 +174,9 @@ def read_meta(directory: str | Path, verify: bool = True) -> dict:
     RunInfo.from_dict(meta)
     if version >= 2:
         _check_files(directory, meta.get("files"), verify)
+    elif verify:
+        warnings.warn(f"{directory} has format_version 1: its files carry no hashes and are "
+                      "not verified (save it again to add them)", stacklevel=2)
     return meta
 
 
@@ -183,7 +190,7 @@ def _check_files(directory: Path, files, verify: bool) -> None:
             raise FormatError(f"{where}: the entry of file {name!r} is invalid")
         path = directory / name
         if not path.is_file():
-            raise FormatError(f"{name} not found: {path} (the run is incomplete)")
+            raise FormatError(f"{name!r} not found: the run {directory} is incomplete")
         if not verify:
             continue
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
@@ -228,11 +235,41 @@ def build(directory: Path, meta: dict) -> nn.Module:
         raise FormatError(f"{directory / META}: {err}") from None
 
 
+def _header(directory: Path) -> dict[str, tuple]:
+    """Name -> shape of every tensor in model.safetensors, from its header (nothing loaded)."""
+    try:
+        with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise FormatError(f"cannot read {directory / WEIGHTS}: {err}") from None
+
+
+def _check_shapes(directory: Path, meta: dict) -> None:
+    """Build the recorded architecture on the meta device (no memory) and check its tensor
+    shapes against the file before the real model is allocated."""
+    with torch.device("meta"):
+        probe = build(directory, meta)
+        for entry in meta["layers"]:
+            try:
+                current = probe.get_submodule(entry["name"])
+            except AttributeError:
+                raise FormatError(f"layer {entry['name']!r} of the saved run is not in the model") from None
+            replace_module(probe, entry["name"], kind_named(entry.get("kind")).rebuild(entry, current))
+    stored = _header(directory)
+    aliases = meta.get("tied", {})
+    for key, t in probe.state_dict().items():
+        shape = stored.get(aliases.get(key, key)) if isinstance(aliases, dict) else stored.get(key)
+        if shape is not None and shape != tuple(t.shape):
+            raise FormatError(f"tensor {key!r} has shape {shape} in the file, the recorded "
+                              f"architecture makes it {tuple(t.shape)}")
+
+
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Load a saved run: into ``model`` (rebuilt in place), or into its recorded architecture."""
     directory = Path(directory)
     meta = read_meta(directory)
     if model is None:
+        _check_shapes(directory, meta)
         model = build(directory, meta)
     new = {}
     for entry in meta["layers"]:  # every entry checked before the model is touched

@@ -94,6 +94,12 @@ class LayerKind:
 class LinearKind(LayerKind):
     name, dense, low_rank = "linear", nn.Linear, LowRankLinear
 
+    def why_dense(self, module):
+        # nn.MultiheadAttention reads out_proj.weight itself instead of calling the module
+        if type(module).__name__ == "NonDynamicallyQuantizableLinear":
+            return KeepDense.READ_DIRECTLY
+        return None
+
     def replace(self, module, u, v):
         return LowRankLinear.from_factors(u, v, module.bias)
 

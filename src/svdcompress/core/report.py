@@ -20,6 +20,7 @@ class KeepDense(str, Enum):
     NOT_FASTER = "not faster"
     BY_ALLOCATION = "dense by allocation"
     SHARED = "shared weight"
+    READ_DIRECTLY = "its weight is read directly by its parent (MultiheadAttention)"
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CompressionReport:
         """The layers compress_ could have factorised (not the output layer, a grouped conv,
         an embedding, a norm or an unsupported type)."""
         skip = (KeepDense.OUTPUT_LAYER, KeepDense.GROUPED_CONV, KeepDense.UNSUPPORTED,
-                KeepDense.EMBEDDING, KeepDense.VECTOR)
+                KeepDense.EMBEDDING, KeepDense.VECTOR, KeepDense.READ_DIRECTLY)
         return [r for r in self.layers if r.reason not in skip]
 
     def to_dict(self) -> dict:

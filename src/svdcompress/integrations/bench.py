@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.files import write_json
+from ..core.files import check_output_file, write_json
 from ..core.io import load
 from ..core.kinds import any_kind
 from ..core.swap import densify_
@@ -93,11 +93,13 @@ def benchmark(model: nn.Module, batches=(1, 32, 256), threads: int | None = None
 
 
 def bench_run(run: str | Path, batches=(1, 32, 256), threads: int | None = None,
-              repeats: int = 30, out: str | Path | None = None) -> tuple[dict, Path]:
+              repeats: int = 30, out: str | Path | None = None,
+              overwrite: bool = False) -> tuple[dict, Path]:
     """Benchmark a saved run against its dense original; the figures go to ``out`` (JSON)."""
     if threads is not None and threads < 1:
         raise ConfigError("threads must be at least 1")
-    result = {"run": str(run), **benchmark(load(run), batches, threads, repeats)}
     out = Path(out) if out is not None else Path(run) / "bench.json"
+    check_output_file(out, overwrite=overwrite, run=run)
+    result = {"run": str(run), **benchmark(load(run), batches, threads, repeats)}
     write_json(out, result)
     return result, out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import SVDCompressError, require
-from ..core.files import atomic_write
+from ..core.files import atomic_write, check_output_file
 from ..core.io import load
 from .bench import example_inputs
 
@@ -70,6 +70,7 @@ def _graph(path):
     return require("onnx", extra="onnx").load(str(path)).graph
 
 
-def export_run(run: str | Path, path: str | Path) -> dict:
+def export_run(run: str | Path, path: str | Path, overwrite: bool = False) -> dict:
     """Export a saved run to ONNX at ``path`` and check it; returns the check's figures."""
+    check_output_file(path, overwrite=overwrite, run=run)
     return export_onnx(load(run), path)

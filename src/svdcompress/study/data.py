@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
         raise DataError(f"{path}: image dimensions {dims[1]}x{dims[2]} are empty")
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: a forged header cannot overflow
     actual = len(raw) - header
     if actual != expected:
         raise DataError(f"{path}: header declares {'x'.join(map(str, dims))} = {expected} bytes "
@@ -132,6 +133,7 @@ def load_dataset(name: str, limit_train: int | None = None) -> Dataset:
         splits = _mnist_5k()
     else:
         splits = read_directory(name)
+        name = str(Path(name).resolve())  # recorded in runs: valid from any directory
     (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
     if limit_train is not None:
         if limit_train < 1:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core.archs import Architecture
+from ..core.errors import ConfigError
 
 
 class MLP(nn.Module):
@@ -20,6 +21,10 @@ class MLP(nn.Module):
                  num_classes: int = 10) -> None:
         super().__init__()
         sizes = [in_features, *hidden]
+        weights = sum(a * b for a, b in zip(sizes, [*sizes[1:], num_classes]))
+        if weights > 2 ** 31:  # a typo, not a model: refuse before allocating terabytes
+            raise ConfigError(f"an MLP of sizes {sizes + [num_classes]} has {weights:,} weights; "
+                              "the limit is 2^31")
         self.in_features, self.num_classes = in_features, num_classes
         self.hidden_sizes = [int(h) for h in hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))

@@ -8,12 +8,15 @@ svdcompress.json carries a ``RunInfo`` (data, source, config, history, metrics).
 from __future__ import annotations
 
 import copy
+import fcntl
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core import dist
 from ..core.compress import check_rank_fits, compress_
 from ..core.config import SVDConfig
 from ..core.files import write_json
@@ -21,7 +24,7 @@ from ..core.io import load, read_config, read_info, read_meta, save
 from ..core.report import CompressionReport, model_size
 from ..core.runinfo import DataInfo, RunInfo
 from ..core.errors import ConfigError, DataError, FormatError
-from ..core.files import RunExists, check_destination
+from ..core.files import RunExists, check_destination, check_output_file
 from ..core.swap import project_, unproject_
 from .data import Dataset, load_dataset
 from .models import MLP
@@ -54,12 +57,17 @@ def work_dir(out: str | Path) -> Path:
 
 
 def _train_into(model: nn.Module, data: Dataset, cfg: TrainConfig, out: str | Path, *,
-                resume: bool, overwrite: bool, progress: bool, desc: str, source=None) -> list:
+                resume: bool, overwrite: bool, progress: bool, desc: str, source=None,
+                context: dict | None = None) -> list:
     """Train with checkpoints in OUT.partial, so the run at OUT stays whole (the old one, or
     none) until the new one replaces it. ``resume`` continues from OUT.partial's checkpoint
     (an interrupted run) or from the checkpoint of the finished run at OUT."""
     out, work = Path(out), work_dir(out)
     check_destination(out, overwrite=overwrite or resume, sources=[source])
+    if source is not None and (work.resolve() == Path(source).resolve() or
+                               work.resolve() in Path(source).resolve().parents):
+        raise RunExists(f"the source {source} is where training into {out} keeps its checkpoints "
+                        f"({work}): write to another directory")
     start = False
     if resume:
         if (work / CHECKPOINT).is_file():
@@ -69,19 +77,41 @@ def _train_into(model: nn.Module, data: Dataset, cfg: TrainConfig, out: str | Pa
             start = out / CHECKPOINT
         else:
             raise FormatError(f"no checkpoint to resume from in {work} or {out}")
-    elif work.is_dir() and any(work.iterdir()) and not overwrite:
+    elif (work / CHECKPOINT).is_file() and not overwrite:
         raise RunExists(f"{work} holds the checkpoint of an interrupted run: pass --resume to "
                         "continue it, or --overwrite to start again")
     work.mkdir(parents=True, exist_ok=True)
-    return train(model, data, cfg, checkpoint_dir=work, resume=start, progress=progress, desc=desc)
+    with _locked(work):
+        return train(model, data, cfg, checkpoint_dir=work, resume=start, progress=progress,
+                     desc=desc, context=context)
 
 
-def _save_trained(model: nn.Module, out: str | Path, **kwargs) -> None:
-    """The finished run, with its last checkpoint, moved into place; then OUT.partial goes."""
+@contextmanager
+def _locked(work: Path):
+    """One training at a time into OUT.partial (rank 0 holds the lock under torchrun)."""
+    if not dist.is_main():
+        yield
+        return
+    with open(work / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunExists(f"another svdcompress is training into {work}") from None
+        yield
+
+
+def _save_trained(model: nn.Module, out: str | Path, overwrite: bool, **kwargs) -> None:
+    """The finished run, with its last checkpoint, moved into place; then OUT.partial goes.
+    An OUT that appeared during training is still refused without ``overwrite`` (the
+    checkpoint stays in OUT.partial)."""
+    if not dist.is_main():  # under torchrun, rank 0 writes
+        dist.barrier()
+        return
     work = work_dir(out)
     files = {CHECKPOINT: work / CHECKPOINT} if (work / CHECKPOINT).is_file() else None
-    save(model, out, overwrite=True, files=files, **kwargs)
+    save(model, out, overwrite=overwrite, files=files, **kwargs)
     shutil.rmtree(work, ignore_errors=True)
+    dist.barrier()
 
 
 def _metrics(model: nn.Module, data: Dataset) -> dict:
@@ -97,11 +127,13 @@ def train_baseline(data: Dataset, cfg: TrainConfig, hidden=(1024,) * 5, *, out=N
     model = MLP(data.in_features, list(hidden), 10)
     if out is None:
         return model, train(model, data, cfg, progress=progress, desc="baseline")
+    data_info = DataInfo(data.name, limit_train, data.mean, data.std)
+    context = {"data": [data.name, limit_train], "hidden": list(hidden)}
     history = _train_into(model, data, cfg, out, resume=resume, overwrite=overwrite,
-                          progress=progress, desc="baseline")
-    info = RunInfo(data=DataInfo(data.name, limit_train, data.mean, data.std),
-                   train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, data))
-    _save_trained(model.cpu(), out, info=info)
+                          progress=progress, desc="baseline", context=context)
+    info = RunInfo(data=data_info, train=cfg.__dict__.copy(), history=history,
+                   metrics=_metrics(model, data))
+    _save_trained(model.cpu(), out, overwrite or resume, info=info)
     return model, history
 
 
@@ -130,15 +162,18 @@ def continue_training(source: str | Path, cfg: TrainConfig, out: str | Path, *, 
         check_rank_fits(model, config)
         project_(model, project_rank, method=projection)
     desc = "dynamic" if project_rank else ("finetune" if meta["layers"] else "train")
+    context = {"data": [dataset.name, None if data else (read_info(source).data or DataInfo("")).limit_train],
+               "source": str(Path(source).resolve()), "projection": [project_rank, projection]}
     history = _train_into(model, dataset, cfg, out, resume=resume, overwrite=overwrite,
-                          progress=progress, desc=desc, source=source)
+                          progress=progress, desc=desc, source=source, context=context)
     model.cpu()
     if project_rank is not None:
         unproject_(model)
-    info = RunInfo(data=read_info(source).data if data is None else DataInfo(data), source=str(source),
+    info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),
+                   source=str(Path(source).resolve()),
                    train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, dataset),
                    projection={"rank": project_rank, "method": projection} if project_rank else None)
-    _save_trained(model, out, config=config, info=info)
+    _save_trained(model, out, overwrite or resume, config=config, info=info)
     return history
 
 
@@ -164,10 +199,13 @@ def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data
     if config.method == "whiten":
         calib = calibration_batches(dataset, calib_batches)
     report = compress_(model, config, calib, progress=progress)
-    info = RunInfo(data=read_info(source).data if data is None else DataInfo(data),
-                   source=str(source), compression=report.to_dict(), metrics=model_size(model),
+    info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),
+                   source=str(Path(source).resolve()), compression=report.to_dict(),
+                   metrics=model_size(model),
                    calibration=f"{calib_batches} training batches of 128" if calib else None)
-    save(model, out, config=config, info=info, overwrite=overwrite)
+    if dist.is_main():  # under torchrun, rank 0 writes
+        save(model, out, config=config, info=info, overwrite=overwrite)
+    dist.barrier()
     return report
 
 
@@ -201,13 +239,17 @@ def sweep(base: nn.Module, data: Dataset, ranks, progress=True, method: str = "p
 
 
 def sweep_run(run: str | Path, ranks, methods=("plain", "whiten"), *, data=None,
-              calib_batches: int = 64, out: str | Path | None = None) -> tuple[dict, Path]:
+              calib_batches: int = 64, out: str | Path | None = None,
+              overwrite: bool = False) -> tuple[dict, Path]:
     """Sweep a run's truncation rank for each method; the table goes to ``out`` (JSON)."""
+    if not methods or any(m not in ("plain", "whiten") for m in methods):
+        raise ConfigError(f"methods must be plain and/or whiten, got {list(methods)}")
+    out = Path(out) if out is not None else Path(run) / "results.json"
+    check_output_file(out, overwrite=overwrite, run=run)
     base = load(run)
     dataset = _matching(base, run_dataset(run, data))
     table = {m: sweep(base, dataset, ranks, progress=False, method=m, calib_batches=calib_batches)
              for m in methods}
-    out = Path(out) if out is not None else Path(run) / "results.json"
     write_json(out, {"run": str(run), "data": dataset.name, "sweep": table.get("plain"),
                      "sweep_whiten": table.get("whiten")})
     return table, out

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..core import dist
 from ..core.errors import ConfigError, FormatError, SVDCompressError
 from ..core.files import atomic_write
 from ..core.io import load_state, unique_tensors
@@ -38,6 +40,8 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -49,6 +53,7 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    name = dist.local_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -94,8 +99,14 @@ def tensor_digest(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def _sealed(info: dict, tensors: dict) -> str:
+    """The digest of a checkpoint: its tensors and every metadata field but the digest."""
+    rest = json.dumps({k: v for k, v in info.items() if k != "digest"}, sort_keys=True)
+    return hashlib.sha256((tensor_digest(tensors) + rest).encode()).hexdigest()
+
+
 def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    epoch: int, history: list, cfg: TrainConfig) -> None:
+                    epoch: int, history: list, cfg: TrainConfig, context: dict | None = None) -> None:
     tensors, tied = unique_tensors({f"model.{k}": v for k, v in model.state_dict().items()})
     state = opt.state_dict()
     scalars = {}
@@ -107,7 +118,8 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
                 scalars[f"{idx}.{name}"] = value
     groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
     info = {"epoch": epoch, "history": history, "param_groups": groups, "scalars": scalars,
-            "tied": tied, "train_config": asdict(cfg), "digest": tensor_digest(tensors)}
+            "tied": tied, "train_config": asdict(cfg), "context": context}
+    info["digest"] = _sealed(info, tensors)
     atomic_write(Path(directory) / CHECKPOINT,
                  lambda tmp: save_file(tensors, tmp, metadata={"svdcompress": json.dumps(info)}))
 
@@ -125,13 +137,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     bad = lambda what: FormatError(f"corrupt checkpoint {path}: {what}")  # noqa: E731
     if not isinstance(info, dict):
         raise bad("its metadata is not an object")
-    if info.get("digest") != tensor_digest(tensors):
-        raise bad("its tensors do not match the digest recorded in it")
+    if info.get("digest") != _sealed(info, tensors):
+        raise bad("its contents do not match the digest recorded in it")
     epoch, history = info.get("epoch"), info.get("history")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise bad(f"epoch must be an integer >= 0, got {epoch!r}")
-    if not isinstance(history, list) or len(history) != epoch or \
-            not all(isinstance(h, dict) for h in history):
+    if not isinstance(history, list) or len(history) != epoch or not all(
+            isinstance(h, dict) and isinstance(h.get("test_accuracy"), (int, float)) for h in history):
         raise bad("its history must hold one row per epoch done")
     groups, scalars = info.get("param_groups"), info.get("scalars")
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups) or \
@@ -143,14 +155,21 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    cfg: TrainConfig) -> tuple[int, list]:
-    """Restore model and optimiser; returns (epochs done, history so far)."""
+                    cfg: TrainConfig, context: dict | None = None) -> tuple[int, list]:
+    """Restore model and optimiser; returns (epochs done, history so far). The checkpoint
+    must come from the same settings and ``context`` (data, source run, projection)."""
     info, tensors = read_checkpoint(path)
     saved = info["train_config"]
     for key in ("lr", "batch_size", "seed"):
         if saved.get(key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={saved.get(key)}, "
                               f"not {getattr(cfg, key)}: resume with the same settings")
+    if json.loads(json.dumps(context)) != info.get("context"):
+        raise ConfigError(f"checkpoint {path} was made from other data, source or projection "
+                          f"({info.get('context')}, not {context}): resume with the same settings")
+    if info["epoch"] > cfg.epochs:
+        raise ConfigError(f"checkpoint {path} has {info['epoch']} epochs done, more than "
+                          f"--epochs {cfg.epochs}")
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     tied = {a[len("model."):]: t[len("model."):] for a, t in info.get("tied", {}).items()
             if isinstance(a, str) and isinstance(t, str)}
@@ -176,7 +195,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
           checkpoint_dir: str | Path | None = None, resume: bool | str | Path = False,
-          progress: bool = True, desc: str = "train") -> list[dict]:
+          progress: bool = True, desc: str = "train", context: dict | None = None) -> list[dict]:
     """Train ``model`` with Adam on ``data``; one history row per epoch.
 
     Each epoch's shuffle is seeded by (seed, epoch), so a resumed run sees the same batches
@@ -184,6 +203,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
     ``resume`` is True (the checkpoint in ``checkpoint_dir``) or a checkpoint file's path.
     An epoch whose loss or weights end non-finite raises TrainingDiverged and writes no
     checkpoint, so the last good one stays.
+
+    Under torchrun it is data-parallel: each global batch of ``cfg.batch_size`` (the same
+    seeded shuffle everywhere) is split across the processes, DistributedDataParallel sums
+    the gradients, so every step is the single-process step on the same samples; metrics
+    are summed, only rank 0 shows progress and writes checkpoints, and the replicas are
+    checked to be bit-for-bit identical after every epoch.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -195,8 +220,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
             raise ConfigError("resume needs a checkpoint directory")
         resume = Path(checkpoint_dir) / CHECKPOINT
     if resume:
-        start, history = load_checkpoint(Path(resume), model, opt, cfg)
+        start, history = load_checkpoint(Path(resume), model, opt, cfg, context)
     n = len(data.x_train)
+    world, rank = dist.world(), dist.rank()
+    # each process computes the same projections from the same W: no buffer broadcasts
+    net = DistributedDataParallel(model, forward_sync_buffers=False) if world > 1 else model
+    progress = progress and dist.is_main()
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -207,19 +236,30 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         bar = tqdm(range(0, n, cfg.batch_size), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, mininterval=0.5)
         for step, i in enumerate(bar):
-            idx = perm[i:i + cfg.batch_size]
+            batch = perm[i:i + cfg.batch_size]
+            idx = batch[rank::world] if world > 1 else batch
             xb, yb = data.x_train[idx], data.y_train[idx]
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            out = net(xb)
+            if world > 1:  # DDP averages over processes: sum / global batch, times world
+                local = F.cross_entropy(out, yb, reduction="sum")
+                loss = local * world / len(batch)
+                loss_sum += local.detach()
+            else:
+                loss = F.cross_entropy(out, yb)
+                loss_sum += loss.detach() * len(idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with dist.guard():  # DDP communicates during backward
+                loss.backward()
             opt.step()
-            loss_sum += loss.detach() * len(idx)
             correct += (out.detach().argmax(1) == yb).sum()
             if progress and step % 50 == 0:
                 seen = min(n, i + len(idx))
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
                                 acc=f"{int(correct) / seen:.4f}")
+        if world > 1:
+            dist.sum_(loss_sum)
+            dist.sum_(correct)
+            dist.check_same(model.state_dict().values(), "weights and projections")
         _check_finite(model, float(loss_sum) / n, epoch + 1, checkpoint_dir, history)
         test = evaluate(model, data.x_test, data.y_test)
         history.append({"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
@@ -229,8 +269,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: train loss "
                        f"{history[-1]['train_loss']:.4f}, test accuracy {test['accuracy']:.4f}")
-        if checkpoint_dir is not None:
-            save_checkpoint(Path(checkpoint_dir), model, opt, epoch + 1, history, cfg)
+        if checkpoint_dir is not None and dist.is_main():
+            save_checkpoint(Path(checkpoint_dir), model, opt, epoch + 1, history, cfg, context)
     return history
 
 
