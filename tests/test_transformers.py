@@ -24,7 +24,7 @@ def gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
                                   bos_token_id=0, eos_token_id=0)
-    return CausalLM(transformers.GPT2LMHeadModel(cfg).eval(), 64)
+    return CausalLM(transformers.GPT2LMHeadModel(cfg), 64).eval()
 
 
 def llama():
@@ -33,7 +33,7 @@ def llama():
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                    max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
                                    pad_token_id=0)
-    return CausalLM(transformers.LlamaForCausalLM(cfg).eval(), 64)
+    return CausalLM(transformers.LlamaForCausalLM(cfg), 64).eval()
 
 
 MODELS = {"gpt2": gpt2, "llama": llama}
@@ -52,6 +52,7 @@ def batches(n=4, tokens=12, pad=False):
 
 
 def logits(model, batch):
+    model.eval()  # no dropout
     with torch.no_grad():
         return model(**batch)
 
@@ -95,9 +96,12 @@ def test_blockwise_and_per_layer_calibration_give_the_same_factors(name, sequent
         models[blockwise] = model, sc.compress_(model, cfg, data)
     (a, ra), (b, rb) = models[True], models[False]
     assert [r.rank for r in ra.layers] == [r.rank for r in rb.layers] and ra.compressed
-    sa, sb = a.state_dict(), b.state_dict()
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], atol=2e-5, rtol=1e-4, msg=k)
+    for name, layer in a.named_modules():  # each factorised weight u v (the factors themselves
+        if isinstance(layer, sc.LowRankLinear):  # are unique only up to near-tied singular values)
+            other = b.get_submodule(name).weight()
+            err = float((layer.weight() - other).norm() / other.norm())
+            assert err < 1e-4, (name, err)
+    torch.testing.assert_close(logits(a, data[0]), logits(b, data[0]), atol=1e-4, rtol=1e-4)
 
 
 def test_blockwise_path_records_no_per_layer_inputs(monkeypatch):

@@ -194,7 +194,7 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
         layer = block.get_submodule(group.names[0])
 
         def grab(module, args, k=k, kind=dense_kind(layer), calls=group.calls):
-            rows[k].append(kind.inputs(module, args[0]).detach().to(torch.float64))
+            rows[k].append(_rows(kind.inputs(module, args[0])))
             if stop and k == len(groups) - 1 and len(rows[k]) == calls:
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(grab))
@@ -208,6 +208,12 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
     return [torch.cat(r) for r in rows]
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows for the statistics: float32 products (float64 for a float64 model), summed into
+    float64 accumulators: a batch's product in float32 is accurate to ~1e-6, and twice as fast."""
+    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 class Moments:
     """Running sums of y y^T and x y^T over paired rows (float64), and their count."""
 
@@ -215,10 +221,15 @@ class Moments:
         self.yy = self.xy = None
         self.count = 0
 
+    @staticmethod
+    def _acc(total, a, b):
+        prod = (a.T @ b).to(torch.float64)
+        return prod if total is None else total.add_(prod)
+
     def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
-        self.yy = y.T @ y if self.yy is None else self.yy.addmm_(y.T, y)
+        self.yy = self._acc(self.yy, y, y)
         if x is not None:
-            self.xy = x.T @ y if self.xy is None else self.xy.addmm_(x.T, y)
+            self.xy = self._acc(self.xy, x, y)
         self.count += y.shape[0]
 
     def total(self) -> "Moments":

@@ -69,7 +69,7 @@ def load_causal_lm(path: str | Path) -> CausalLM:
                                                      use_safetensors=True, dtype="auto")
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot load the causal LM in {path}: {err}") from None
-    model = CausalLM(hf.eval(), _max_length(hf.config))
+    model = CausalLM(hf, _max_length(hf.config)).eval()
     model.tokenizer = _tokenizer(tf, path)
     model.source_dir = path
     return model
@@ -90,7 +90,7 @@ def build_causal_lm(spec: dict, directory: Path) -> CausalLM:
         hf = tf.AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot rebuild the causal LM in {directory}: {err}") from None
-    model = CausalLM(hf.eval(), int(spec.get("max_length", 1024)))
+    model = CausalLM(hf, int(spec.get("max_length", 1024))).eval()
     model.tokenizer = _tokenizer(tf, directory)
     return model
 

@@ -116,7 +116,7 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot load the Hugging Face model in {base}: {err}") from None
-    model = SentenceEncoder(encoder.eval(), pooling, normalize, max_length)
+    model = SentenceEncoder(encoder, pooling, normalize, max_length).eval()
     model.tokenizer = tokenizer
     model.source_dir = base
     return model
@@ -132,8 +132,8 @@ def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
         tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as err:
         raise FormatError(f"cannot rebuild the Hugging Face model in {directory}: {err}") from None
-    model = SentenceEncoder(encoder.eval(), spec.get("pooling", "mean"),
-                            bool(spec.get("normalize", True)), int(spec.get("max_length", 256)))
+    model = SentenceEncoder(encoder, spec.get("pooling", "mean"), bool(spec.get("normalize", True)),
+                            int(spec.get("max_length", 256))).eval()
     model.tokenizer = tokenizer
     return model
 
