@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -84,6 +85,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--models", default=",".join(SHAPES))
+    p.add_argument("--modes", default="baseline,forward,plain,whiten",
+                   help="measure only these; the others are kept from --out")
     p.add_argument("--out", default="benchmarks/results/blockwise.json")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -93,9 +96,12 @@ def main() -> None:
     from svdcompress.core.files import write_json
 
     results = {}
+    old = {}
+    if Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text()).get("models", {})
     for name in args.models.split(","):
-        rows = {}
-        for mode in ("baseline", "forward", "plain", "whiten"):
+        rows = dict(old.get(name, {}).get("rows", {}))
+        for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--worker", name, mode, "--seqs", str(args.seqs),
                    "--tokens", str(args.tokens), "--ratio", str(args.ratio), "--device", args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -120,6 +126,7 @@ def main() -> None:
               f"{r['whiten_peak_over_baseline_in_boundaries']:.2f} block boundaries of "
               f"{boundary / 2**20:.0f} MiB; {r['whiten_seconds']:.0f} s against a budget of "
               f"{budget:.0f} s (3 x plain + 2 forward passes)", flush=True)
+    results = {**{k: v for k, v in old.items() if k not in results}, **results}
     write_json(args.out, {"benchmark": "blockwise", "seqs": args.seqs, "tokens": args.tokens,
                           "ratio": args.ratio, "device": args.device,
                           "threads": torch.get_num_threads(), "torch": torch.__version__,

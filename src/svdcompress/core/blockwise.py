@@ -123,12 +123,20 @@ def _chained(model, blocks, batch, forward) -> bool:
     calls: list = [None] * len(blocks)
     outs: list = [None] * len(blocks)
     handles = []
+
+    def out_hook(i, o):
+        outs[i] = _first(o)
+        if i == len(blocks) - 1:
+            raise _Stop  # nothing after the last block is needed (an LM head's logits are big)
+
     for i, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(
             lambda m, a, k, i=i: calls.__setitem__(i, (a, k)), with_kwargs=True))
-        handles.append(block.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, _first(o))))
+        handles.append(block.register_forward_hook(lambda m, a, o, i=i: out_hook(i, o)))
     try:
         forward(model, batch)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
