@@ -66,9 +66,15 @@ def test_collect_streams_mean_second_moment():
     lin = nn.Linear(4, 3)
     model = nn.Sequential(lin)
     batches = [torch.randn(10, 4) for _ in range(3)]
-    gram = collect(model, {"0": lin}, batches)["0"]
+    stats = collect(model, {"0": lin}, batches)["0"]
     x = torch.cat(batches).double()
-    torch.testing.assert_close(gram, x.T @ x / 30)
+    torch.testing.assert_close(stats.gram, x.T @ x / 30)
+    # the last quarter of each batch's rows (2 of 10) are held out, the rest fit
+    held = torch.cat([b[8:] for b in batches]).double()
+    fit = torch.cat([b[:8] for b in batches]).double()
+    assert stats.rows == 30 and stats.cross is None
+    torch.testing.assert_close(stats.held[0], held.T @ held / 6)
+    torch.testing.assert_close(stats.fit[0], fit.T @ fit / 24)
     with pytest.raises(ValueError, match="no calibration inputs"):
         collect(model, {"0": lin}, [])
 
@@ -189,7 +195,8 @@ def test_paired_statistics_match_direct_computation():
     batches = [torch.randn(7, 6) for _ in range(3)]
     run = lambda m, b: m(b)  # noqa: E731
     rows = record_inputs(original, {"2": original[2]}, batches, run)["2"]
-    gram, cross = collect_paired(compressed, "2", batches, run, rows)
+    stats = collect_paired(compressed, "2", batches, run, rows)
+    gram, cross = stats.gram, stats.cross
     x = torch.cat([torch.relu(original[0](b)) for b in batches]).double().detach()
     y = torch.cat([torch.relu(compressed[0](b)) for b in batches]).double().detach()
     torch.testing.assert_close(gram, y.T @ y / 21)

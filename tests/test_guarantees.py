@@ -260,7 +260,8 @@ def test_a_module_called_twice_per_forward_pass_gets_paired_calibration_inputs()
     compressed = SharedNet()
     compressed.load_state_dict(net.state_dict())
     compressed.a.weight.data += 0.1 * torch.randn(16, 16)  # its inputs now differ from the original's
-    gram, cross = collect_paired(compressed, "a", batches, _run_batch, original)
+    stats = collect_paired(compressed, "a", batches, _run_batch, original)
+    gram, cross = stats.gram, stats.cross
     xs, ys = [], []
     with torch.no_grad():
         for x in batches:  # the rows of both calls, call by call, in each network

@@ -17,7 +17,7 @@ import traceback
 
 from . import __version__
 from .core import dist
-from .core.config import SVDConfig
+from .core.config import ALLOCATIONS, SVDConfig
 from .core.errors import SVDCompressError
 from .core.io import load, read_meta
 from .integrations.bench import bench_run
@@ -288,8 +288,9 @@ def build_parser() -> Parser:
                    help="with --hf and no --calib: generated calibration sentences (default 512)")
     s.add_argument("--damping", type=float, default=1e-2,
                    help="whitening damping, relative to the mean input energy (default 0.01)")
-    s.add_argument("--allocation", choices=["uniform", "global"], default="uniform",
-                   help="global (with --ratio): per-layer ranks under one parameter budget")
+    s.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
+                   help="with --ratio, per-layer ranks under one parameter budget: loss-aware "
+                   "(measured, calibrated), truncation-loss or global (relative error)")
     s.add_argument("--round-to", type=positive_int, help="round ranks up to a multiple of this (e.g. 8)")
     s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
                    "needs this many times fewer multiply-adds")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import dist
+from .calibrate import Moments
 from .kinds import dense_kind, low_rank_kind
 
 
@@ -193,8 +193,8 @@ def discover(block: nn.Module, names: list[str], stream: Stream, device) -> list
 
 @torch.no_grad()
 def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hidden=None,
-               stop: bool = True) -> list[torch.Tensor]:
-    """For each group, the rows its weight matrices multiply over all calls of one batch's
+               stop: bool = True) -> list[list[torch.Tensor]]:
+    """For each group, the rows its weight matrices multiply in each call of one batch's
     pass; with ``stop`` the pass ends once the last group's calls are all seen."""
     rows: list[list[torch.Tensor]] = [[] for _ in groups]
     handles = []
@@ -202,7 +202,7 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
         layer = block.get_submodule(group.names[0])
 
         def grab(module, args, k=k, kind=dense_kind(layer), calls=group.calls):
-            rows[k].append(_rows(kind.inputs(module, args[0])))
+            rows[k].append(kind.inputs(module, args[0]).detach())
             if stop and k == len(groups) - 1 and len(rows[k]) == calls:
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(grab))
@@ -213,40 +213,7 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
     finally:
         for h in handles:
             h.remove()
-    return [torch.cat(r) for r in rows]
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows for the statistics: float32 products (float64 for a float64 model), summed into
-    float64 accumulators: a batch's product in float32 is accurate to ~1e-6, and twice as fast."""
-    return x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
-class Moments:
-    """Running sums of y y^T and x y^T over paired rows (float64), and their count."""
-
-    def __init__(self) -> None:
-        self.yy = self.xy = None
-        self.count = 0
-
-    @staticmethod
-    def _acc(total, a, b):
-        prod = (a.T @ b).to(torch.float64)
-        return prod if total is None else total.add_(prod)
-
-    def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
-        self.yy = self._acc(self.yy, y, y)
-        if x is not None:
-            self.xy = self._acc(self.xy, x, y)
-        self.count += y.shape[0]
-
-    def total(self) -> "Moments":
-        """Under torchrun: the sums over every process's share of the batches."""
-        dist.sum_(self.yy)
-        if self.xy is not None:
-            dist.sum_(self.xy)
-        self.count = dist.sum_int(self.count)
-        return self
+    return rows
 
 
 @torch.no_grad()
@@ -254,10 +221,10 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                     finish: Callable, sequential: bool, device=None, progress: bool = False) -> None:
     """Compress the target layers ``names`` (full names, all inside ``blocks``) block by block.
 
-    ``finish(full_name, gram, cross)`` factorises one layer and puts it in place. With
-    sequential calibration ``gram`` = E[x' x'^T] and ``cross`` = E[x x'^T], x the layer's
-    inputs in the original network and x' in the compressed one; with parallel calibration
-    ``gram`` = E[x x^T] and ``cross`` is None. ``streams`` (the first block's inputs) are
+    ``finish(full_name, stats)`` factorises one layer and puts it in place. With
+    sequential calibration the Stats' ``gram`` = E[x' x'^T] and ``cross`` = E[x x'^T], x the
+    layer's inputs in the original network and x' in the compressed one; with parallel
+    calibration ``gram`` = E[x x^T] and ``cross`` is None. ``streams`` (the first block's inputs) are
     consumed: each block's outputs replace its inputs.
     """
     device = torch.device(device or "cpu")
@@ -275,12 +242,13 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
             for group in groups:  # in run order: each fitted after those before it changed
                 stats = Moments()
                 for j, s in enumerate(original):
-                    x, = group_rows(dense, [group], s, device)
-                    y, = group_rows(block, [group], s, device, compressed[j])
-                    stats.add(y, x)
-                stats.total()
+                    xs, = group_rows(dense, [group], s, device)
+                    ys, = group_rows(block, [group], s, device, compressed[j])
+                    for x, y in zip(xs, ys):  # call by call
+                        stats.add(y, x)
+                stats = stats.stats(here + group.names[0])
                 for name in group.names:
-                    finish(here + name, stats.yy / stats.count, stats.xy / stats.count)
+                    finish(here + name, stats)
             for j, s in enumerate(original):  # the outputs feed the next block
                 compressed[j] = s.run(block, device, compressed[j]).to(s.hidden.device)
                 original[j] = Stream(s.run(dense, device).to(s.hidden.device), s.args, s.kwargs)
@@ -288,12 +256,13 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
         else:
             stats = [Moments() for _ in groups]
             for s in original:  # every group's rows from one pass of the dense block
-                for m, rows in zip(stats, group_rows(block, groups, s, device, stop=False)):
-                    m.add(rows)
+                for m, calls in zip(stats, group_rows(block, groups, s, device, stop=False)):
+                    for rows in calls:
+                        m.add(rows)
             for j, s in enumerate(original):  # propagate before the block changes
                 original[j] = Stream(s.run(block, device).to(s.hidden.device), s.args, s.kwargs)
             for group, m in zip(groups, stats):
-                m.total()
+                group_stats = m.stats(here + group.names[0])
                 for name in group.names:
-                    finish(here + name, m.yy / m.count, None)
+                    finish(here + name, group_stats)
         block.to(home)

@@ -7,6 +7,7 @@ Conv2d inputs are unfolded into the (in * kh * kw) patches the weight matrix mul
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -30,39 +31,97 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return kind.inputs(module, x)
 
 
-class SecondMoments:
-    """Running sum of x x^T (float64) and the number of rows seen."""
+HELD_OUT = 4  # the last 1/HELD_OUT of each batch's rows are held out
 
-    def __init__(self, dim: int, device=None) -> None:
-        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.count = 0
 
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64)
-        self.sum.addmm_(rows.T, rows)
-        self.count += rows.shape[0]
+def held_out_start(rows: int) -> int:
+    """Rows [start:] of a batch's ``rows`` are held out: its last quarter (whole samples when
+    a batch holds several; nothing from a batch of fewer than 4 rows)."""
+    return rows - rows // HELD_OUT
 
-    def mean(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ConfigError("no calibration inputs reached this layer")
-        return self.sum / self.count
+
+@dataclass
+class Stats:
+    """One layer's calibration statistics: means over all rows, and over the fit and the
+    held-out rows apart (to choose a fit by its error on rows it was not fitted to).
+
+    ``gram`` = E[y y^T] of the inputs y the layer is fitted on; ``cross`` = E[x y^T] where x
+    are its inputs in the original network (sequential calibration), None when x = y."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None
+    rows: int
+    fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (gram, cross) of the fit rows
+    held: tuple[torch.Tensor, torch.Tensor | None] | None = None  # ... and of the held-out rows
+
+
+class Moments:
+    """Running float64 sums of y y^T (and x y^T for paired rows), fit and held-out rows apart.
+
+    Products are taken in float32 (float64 for a float64 model) and summed in float64: a
+    batch's product in float32 is accurate to ~1e-6, and twice as fast."""
+
+    def __init__(self) -> None:
+        self.yy = self.xy = None  # (2, n, n): [fit rows, held-out rows]
+        self.count = [0, 0]
+
+    @staticmethod
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        y = self._rows(y)
+        x = None if x is None else self._rows(x).to(y.device)
+        if self.yy is None:
+            n = y.shape[1]
+            self.yy = torch.zeros(2, n, n, dtype=torch.float64, device=y.device)
+            if x is not None:
+                self.xy = torch.zeros(2, x.shape[1], n, dtype=torch.float64, device=y.device)
+        cut = held_out_start(y.shape[0])
+        for part, rows in enumerate((slice(0, cut), slice(cut, None))):
+            ys = y[rows]
+            if ys.shape[0] == 0:
+                continue
+            self.yy[part].add_((ys.T @ ys).to(torch.float64))
+            if x is not None:
+                self.xy[part].add_((x[rows].T @ ys).to(torch.float64))
+            self.count[part] += ys.shape[0]
+
+    def stats(self, name: str = "") -> Stats:
+        """The means; under torchrun the sums over every process's share of the batches."""
+        if self.yy is None:
+            raise ConfigError(f"no calibration inputs reached layer {name}".strip())
+        dist.sum_(self.yy)
+        if self.xy is not None:
+            dist.sum_(self.xy)
+        fit, held = (dist.sum_int(c) for c in self.count)
+        if fit + held == 0:
+            raise ConfigError(f"no calibration inputs reached layer {name}".strip())
+        total = fit + held
+        gram = _finite(name, self.yy.sum(0) / total)
+        cross = None if self.xy is None else self.xy.sum(0) / total
+        parts = [None, None]
+        if fit and held:
+            for part, count in enumerate((fit, held)):
+                parts[part] = (self.yy[part] / count,
+                               None if self.xy is None else self.xy[part] / count)
+        return Stats(gram, cross, total, *parts)
 
 
 @torch.no_grad()
 def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
-            forward: Callable | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
-    """E[x x^T] of each named module's input over ``batches`` (model in eval mode).
+            forward: Callable | None = None, progress: bool = False) -> dict[str, Stats]:
+    """E[x x^T] of each named module's input over ``batches`` (model in eval mode), with
+    the held-out rows' apart (Stats).
 
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
     """
-    stats = {name: None for name in modules}
+    stats = {name: Moments() for name in modules}
     handles = []
 
     def hook(name):
         def fn(module, args):
             rows = layer_inputs(module, args[0])
-            if stats[name] is None:
-                stats[name] = SecondMoments(rows.shape[1], rows.device)
             stats[name].add(rows)
         return fn
 
@@ -77,13 +136,10 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
         for h in handles:
             h.remove()
         model.train(was_training)
-    missing = [n for n, s in stats.items() if s is None]
+    missing = [n for n, s in stats.items() if s.yy is None]
     if missing:
         raise ConfigError(f"no calibration inputs reached layer(s): {', '.join(missing[:5])}")
-    for s in stats.values():  # under torchrun: the sums over every process's share
-        dist.sum_(s.sum)
-        s.count = dist.sum_int(s.count)
-    return {name: _finite(name, s.mean()) for name, s in stats.items()}
+    return {name: s.stats(name) for name, s in stats.items()}
 
 
 @torch.no_grad()
@@ -116,8 +172,8 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
 
 @torch.no_grad()
 def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward: Callable,
-                   original_rows: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For layer ``name``: (E[x' x'^T], E[x x'^T]), x' its input in ``compressed`` (whose
+                   original_rows: list[tuple[torch.Tensor, int]]) -> Stats:
+    """For layer ``name``: Stats with gram E[x' x'^T] and cross E[x x'^T], x' its input in ``compressed`` (whose
     earlier layers are already factorised) and x its input in the original network
     (``original_rows``, batch by batch from ``record_inputs``). Each pass stops once the
     layer has been called as often as in the original pass, so rows pair call by call."""
@@ -125,15 +181,14 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
     want = 0
 
     def grab(module, args):
-        seen.append(layer_inputs(module, args[0]).detach().to(torch.float64))
+        seen.append(layer_inputs(module, args[0]).detach())
         if len(seen) == want:
             raise _Stop
 
     handle = compressed.get_submodule(name).register_forward_pre_hook(grab)
     was = compressed.training
     compressed.eval()
-    gram = cross = None
-    count = 0
+    moments = Moments()
     try:
         for batch, (x, calls) in zip(batches, original_rows):
             if calls == 0:
@@ -144,27 +199,19 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
                 forward(compressed, batch)
             except _Stop:
                 pass
-            y = torch.cat(seen) if seen else torch.zeros(0, 0, dtype=torch.float64)
+            y = torch.cat(seen) if seen else torch.zeros(0, 0)
             if len(seen) != calls or y.shape != x.shape:
                 raise ConfigError(f"layer {name!r} ran {calls} time(s) per batch in the original "
                                   f"network but {len(seen)} in the compressed one: its inputs cannot be "
                                   "paired; compress with sequential=False (--calibration parallel)")
-            x = x.to(torch.float64)
-            if gram is None:
-                gram, cross = y.T @ y, x.T @ y
-            else:
-                gram.addmm_(y.T, y)
-                cross.addmm_(x.T, y)
-            count += y.shape[0]
+            start = 0
+            for call in seen:  # each call's rows split apart: held-out rows from every call
+                moments.add(call, x[start:start + call.shape[0]])
+                start += call.shape[0]
     finally:
         handle.remove()
         compressed.train(was)
-    if count == 0:
-        raise ConfigError(f"no calibration inputs reached layer {name}")
-    dist.sum_(gram)
-    dist.sum_(cross)
-    count = dist.sum_int(count)
-    return _finite(name, gram / count), cross / count
+    return moments.stats(name)
 
 
 def _finite(name: str, stat: torch.Tensor) -> torch.Tensor:

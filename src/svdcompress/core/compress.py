@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .config import SVDConfig
+from .config import DATA_ALLOCATIONS, SVDConfig
 from . import dist
 from .blockwise import capture, compress_blocks, find_blocks
-from .calibrate import collect, collect_paired, record_inputs
-from .factorize import SVD, compensated_svd, split, svd, whitened_svd
+from .calibrate import Stats, collect, collect_paired, record_inputs
+from .factorize import SVD, split, svd, whitened_svd
+from .fit import ROWS_PER_INPUT, fit_layer
 from .errors import ConfigError
 from .kinds import LayerKind
-from .rank import (allocate_ranks, choose_rank, factorized_params, round_rank, saves_parameters,
-                   truncation_error)
+from .rank import (allocate, allocate_ranks, choose_rank, factorized_params, round_rank,
+                   saves_parameters, tail_losses, truncation_error)
+from .sensitivity import OutputDistance, sensitivity
 from .report import CompressionReport, KeepDense, LayerReport
 from .swap import candidate_modules, output_layer_name, replace_module, shared_weights
 
@@ -70,8 +73,52 @@ def _keep_dense(rank, shape, config: SVDConfig) -> tuple[KeepDense | None, str]:
     return None, ""
 
 
-def _decompose(matrix, gram, config: SVDConfig) -> SVD:
-    return svd(matrix) if gram is None else whitened_svd(matrix, gram, config.damping)
+def _decompose(matrix, stats: Stats | None, config: SVDConfig) -> SVD:
+    """The parallel decomposition that ranks are chosen from."""
+    return svd(matrix) if stats is None else whitened_svd(matrix, stats.gram, config.damping)
+
+
+def _triplet_losses(dec: SVD, stats: Stats) -> torch.Tensor:
+    """Each singular triplet's part of the layer's output error on the calibration inputs,
+    E||(W - W_D) x||^2 = sum over the dropped triplets: s_i^2 for a whitened SVD, and
+    s_i^2 v_i^T E[x x^T] v_i for a plain one."""
+    s2 = dec.S.double().square()
+    if dec.unwhiten is not None:
+        return s2
+    vh = dec.Vh.double()
+    return s2 * ((vh @ stats.gram.double()) * vh).sum(1)
+
+
+def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs: dict,
+                      stats: dict, calibration: list) -> tuple[dict, dict]:
+    """Ranks under the budget minimising the summed truncation loss ("truncation-loss") or
+    the summed sensitivity-weighted loss ("loss-aware", then checked against uniform ranks
+    on the network's output); and what was measured, for the report."""
+    shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
+    budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
+    tails = {n: tail_losses(_triplet_losses(decs[n], stats[n])) for n in shapes}
+    if config.allocation == "truncation-loss":
+        return allocate({n: (tails[n], shapes[n]) for n in shapes}, budget), {"objective": config.allocation}
+    uniform = {n: choose_rank(None, config.spec, shapes[n]) for n in shapes}
+    trunc = {n: (lambda r, n=n, m=m, k=k: _factorize(k, m, decs[n], r)) for n, m, k, _ in eligible}
+    distance = OutputDistance(model, calibration, _run_batch)
+    slopes, trials = {}, {}
+    for name in shapes:
+        ranks = sorted({max(1, uniform[name] // 2), uniform[name]})
+        slopes[name], trials[name] = sensitivity(
+            distance, name, trunc[name], [(r, float(tails[name][r - 1]) if r <= len(tails[name]) else 0.0)
+                                          for r in ranks])
+    known = sorted(v for v in slopes.values() if v is not None)
+    typical = known[len(known) // 2] if known else 1.0
+    floor = 1e-3 * typical  # a layer whose truncation did not move the output still costs
+    weights = {n: max(floor, typical if v is None else v) for n, v in slopes.items()}
+    ranks = allocate({n: (weights[n] * tails[n], shapes[n]) for n in shapes}, budget)
+    measured = {label: distance.with_layers({n: trunc[n](r) for n, r in choice.items() if r is not None})
+                for label, choice in (("loss-aware", ranks), ("uniform", uniform))}
+    chosen = "loss-aware" if measured["loss-aware"] <= measured["uniform"] else "uniform"
+    return (ranks if chosen == "loss-aware" else uniform), {
+        "objective": config.allocation, "chosen": chosen, "output_distance": measured,
+        "sensitivity": weights, "trials": trials}
 
 
 def _factorize(kind: LayerKind, module: nn.Module, dec: SVD, rank: int) -> nn.Module:
@@ -107,15 +154,14 @@ def _batches(calibration) -> list:
     return batches
 
 
-def _run_batch(model: nn.Module, batch) -> None:
+def _run_batch(model: nn.Module, batch):
     """A calibration batch is a tensor, a tuple of positional inputs, or a dict of keywords."""
     try:
         if isinstance(batch, dict):
-            model(**batch)
-        elif isinstance(batch, (tuple, list)):
-            model(*batch)
-        else:
-            model(batch)
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
     except TypeError as err:  # most often (inputs, labels) pairs from a DataLoader
         raise ConfigError(f"the model cannot run a calibration batch ({err}): a batch is a "
                           "tensor, a tuple of positional inputs or a dict of keyword inputs, "
@@ -154,8 +200,11 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
     whiten = config.method == "whiten"
+    if config.allocation in DATA_ALLOCATIONS and calibration is None:
+        raise ConfigError(f"allocation={config.allocation!r} needs calibration batches")
     # under torchrun each process streams its share; the statistics are summed over all
-    calibration = dist.share(_batches(calibration)) if whiten else None
+    calibration = dist.share(_batches(calibration)) \
+        if whiten or config.allocation in DATA_ALLOCATIONS else None
     output = output_layer_name(model) if config.skip_output_layer else None
     shared = shared_weights(model)
     counted: set[int] = set()  # parameters already in a report row
@@ -186,17 +235,19 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
         raise ConfigError("nothing to compress: " + _nothing(report))
     blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
     in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}
-    spectra = config.spec.kind == "energy" or config.allocation == "global"
-    # per-layer path: grams of every layer (as before); block layers only when ranks need them
-    need_grams = [(n, m) for n, m, _, _ in eligible if n not in in_blocks or spectra]
-    grams = collect(model, dict(need_grams), calibration, _run_batch, progress) \
-        if whiten and need_grams else {}
-    decs = {n: _decompose(w, grams.get(n), config) for n, _, _, w in eligible
-            if not whiten or n in grams}
+    spectra = config.spec.kind == "energy" or config.allocation != "uniform"
+    # per-layer path: statistics of every layer; block layers only when ranks need them
+    need = [(n, m) for n, m, _, _ in eligible if (whiten and n not in in_blocks) or spectra]
+    stats = collect(model, dict(need), calibration, _run_batch, progress) \
+        if calibration is not None and need else {}
+    decs = {n: _decompose(w, stats.get(n) if whiten else None, config) for n, _, _, w in eligible
+            if not whiten or n in stats}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     if config.allocation == "global":
         budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
         ranks = allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)
+    elif config.allocation in DATA_ALLOCATIONS:
+        ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats, calibration)
     else:  # a fixed rank or a parameter ratio needs no spectrum
         ranks = {n: choose_rank(decs[n].S if n in decs else None, config.spec, shapes[n])
                  for n in shapes}
@@ -210,20 +261,22 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
             report.layers.append(_dense_report(name, module, kind.name, shape, reason, detail, counted))
         else:
             todo[name] = (module, kind, matrix, rank)
+    few: list[tuple[str, int, int]] = []  # layers calibrated on few rows per input feature
 
-    def finish(name: str, dec: SVD) -> None:
+    def finish(name: str, dec: SVD, fit: str) -> None:
         module, kind, matrix, rank = todo.pop(name)
         replace_module(model, name, _factorize(kind, module, dec, rank))
         counted.update(id(p) for p in module.parameters(recurse=False))
         bias = 0 if module.bias is None else module.bias.numel()
         report.layers.append(LayerReport(
             name, kind.name, shapes[name], rank, module.weight.numel() + bias,
-            factorized_params(rank, shapes[name]) + bias, truncation_error(dec.S, rank)))
+            factorized_params(rank, shapes[name]) + bias, truncation_error(dec.S, rank), fit=fit))
 
-    def from_stats(name: str, gram, cross) -> None:
-        matrix = todo[name][2]
-        finish(name, whitened_svd(matrix, gram, config.damping) if cross is None
-               else compensated_svd(matrix, gram, cross, config.damping))
+    def from_stats(name: str, layer_stats: Stats) -> None:
+        matrix, rank = todo[name][2], todo[name][3]
+        if layer_stats.rows < ROWS_PER_INPUT * matrix.shape[1]:
+            few.append((name, layer_stats.rows, matrix.shape[1]))
+        finish(name, *fit_layer(matrix, rank, layer_stats, config.damping, config.select_fit))
 
     if blocks:
         compress_blocks(blocks[1], blocks[0], [n for n in todo if n in in_blocks], blocks[2],
@@ -235,10 +288,19 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     for name in rest:
         if name in originals:  # fit the original layer's outputs from the inputs that the
             # already-compressed layers before it now produce: errors do not compound
-            gram, cross = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
-            from_stats(name, gram, cross)
+            from_stats(name, collect_paired(model, name, calibration, _run_batch, originals.pop(name)))
+        elif whiten:
+            from_stats(name, stats[name])
         else:
-            finish(name, decs[name])
+            finish(name, decs[name], "plain")
+    if few:
+        name, rows, width = min(few, key=lambda f: f[1] / f[2])
+        warnings.warn(f"{len(few)} layer(s) were calibrated on fewer than {ROWS_PER_INPUT} rows per "
+                      f"input feature (fewest: {name}, {rows:,} rows for {width:,} inputs): a "
+                      "whitened fit learns such data rather than the network's; each layer's fit "
+                      "was chosen on held-out rows" + ("" if config.select_fit else
+                      " (not with select_fit=False)") + ", and more calibration batches would help",
+                      stacklevel=2)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, -1))
     return report

@@ -26,6 +26,10 @@ def _normalize_pattern(field: str, value):
                      f"got {value!r}")
 
 
+ALLOCATIONS = ("uniform", "global", "truncation-loss", "loss-aware")
+DATA_ALLOCATIONS = ("truncation-loss", "loss-aware")  # these need calibration batches
+
+
 @dataclass(frozen=True)
 class SVDConfig:
     """How to compress: exactly one of ``rank``, ``energy`` or ``ratio``, plus which modules.
@@ -43,9 +47,19 @@ class SVDConfig:
         reproduce the original layer's outputs from the inputs the already-compressed layers
         before it now produce, so errors do not compound. False calibrates every layer on
         the dense network's inputs (faster, less accurate at small ranks).
-    allocation: "uniform" (the spec applies to each layer) or "global" (with ``ratio``:
-        per-layer ranks keeping at most ratio of all target layers' weight parameters while
-        the summed relative truncation error is smallest).
+    allocation: "uniform" (the spec applies to each layer), or, with ``ratio``, per-layer
+        ranks keeping at most ratio of all target layers' weight parameters while an
+        objective summed over layers is smallest: "global" (each layer's relative
+        truncation error), "truncation-loss" (each layer's absolute truncation loss, its
+        output error on the calibration inputs, as SVD-LLM V2) or "loss-aware" (that loss
+        times the layer's measured sensitivity, the change of the network's output per
+        unit of it; kept only when the network's output on the calibration data is nearer
+        the original's than with uniform ranks). The last two need calibration batches.
+    select_fit: (whiten only) choose each layer's fit (plain, whitened, compensated with
+        a shrunk correction) by its output error on held-out calibration rows, the last
+        quarter of each batch, and refit the winner on all rows, so that few calibration
+        rows cannot make whitening worse than plain SVD. False: the whitened (compensated)
+        fit on all rows.
     round_to: round each chosen rank up to a multiple of this (matmul kernels are faster
         on aligned sizes); rounding up never raises the truncation error.
     min_speedup: keep a layer dense unless its factorised form needs at most 1/min_speedup
@@ -69,6 +83,7 @@ class SVDConfig:
     round_to: int | None = None
     min_speedup: float | None = None
     blockwise: bool = True
+    select_fit: bool = True
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
@@ -78,7 +93,7 @@ class SVDConfig:
         self.spec  # validates the value, naming the field
         for name in ("target_modules", "exclude_modules"):
             object.__setattr__(self, name, _normalize_pattern(name, getattr(self, name)))
-        for name in ("skip_output_layer", "sequential", "blockwise"):
+        for name in ("skip_output_layer", "sequential", "blockwise", "select_fit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.method not in ("plain", "whiten"):
@@ -86,10 +101,10 @@ class SVDConfig:
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) \
                 or not 0 <= self.damping < float("inf"):
             raise ConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        if self.allocation not in ("uniform", "global"):
-            raise ConfigError(f"allocation must be 'uniform' or 'global', got {self.allocation!r}")
-        if self.allocation == "global" and self.ratio is None:
-            raise ConfigError("allocation='global' needs ratio (the share of parameters to keep)")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation != "uniform" and self.ratio is None:
+            raise ConfigError(f"allocation={self.allocation!r} needs ratio (the share of parameters to keep)")
         if self.round_to is not None and (isinstance(self.round_to, bool) or
                                           not isinstance(self.round_to, int) or self.round_to < 1):
             raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
@@ -104,6 +119,11 @@ class SVDConfig:
             if getattr(self, kind) is not None:
                 return RankSpec(kind, getattr(self, kind))
         raise AssertionError("unreachable: validated in __post_init__")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whitening and the data-aware allocations read calibration batches."""
+        return self.method == "whiten" or self.allocation in DATA_ALLOCATIONS
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -100,13 +100,16 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
 
 @torch.no_grad()
 def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
-                    damping: float = 1e-2) -> SVD:
+                    damping: float = 1e-2, shrink: float | None = None) -> SVD:
     """Rank-D factors minimising ||W X - W_D X'|| when the layer's inputs changed from X (the
     original network) to X' (the network whose earlier layers are compressed).
 
-    With C' = E[x' x'^T] and A = E[x x'^T], the unconstrained optimum is W* = W A C'^{-1};
-    the error splits into a part no W_D can remove plus ||(W* - W_D) X'||, so the answer is
-    the whitened truncation of W* in the metric of C'.
+    With C' = E[x' x'^T] and A = E[x x'^T], the unconstrained optimum is W* = W A C'^{-1}
+    = W + W (A - C') C'^{-1}; the error splits into a part no W_D can remove plus
+    ||(W* - W_D) X'||, so the answer is the whitened truncation of W* in the metric of C'.
+    Estimated from few rows, the correction W (A - C') C'^{-1} fits the calibration set
+    rather than the data: it is shrunk toward W by a ridge, (C' + shrink * mean(diag) I)
+    in place of C' (``shrink`` defaults to ``damping``; 0 is the exact optimum).
     """
     w = weight.detach().to(torch.float64)
     c = gram.to(w.device, torch.float64)
@@ -114,6 +117,8 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:
         return svd(w)
-    damped = c + damping * scale * torch.eye(n, dtype=c.dtype, device=c.device)
-    target = torch.linalg.solve(damped, cross.to(w.device, torch.float64).T @ w.T).T
+    ridge = damping if shrink is None else shrink
+    damped = c + ridge * scale * torch.eye(n, dtype=c.dtype, device=c.device)
+    a = cross.to(w.device, torch.float64)
+    target = w + torch.linalg.solve(damped, (a - c).T @ w.T).T
     return whitened_svd(target, c, damping)

@@ -105,24 +105,43 @@ def truncation_error(singular_values: torch.Tensor, rank: int) -> float:
     return math.sqrt(max(0.0, float(energy[rank:].sum())) / total)
 
 
+def tail_losses(losses: torch.Tensor) -> np.ndarray:
+    """From per-triplet losses (s_i^2, in descending-s order) to the loss of truncating at
+    each rank: entry d - 1 is sum_{i > d} losses_i, for d = 1 .. len(losses)."""
+    e = losses.detach().double().cpu()
+    return (e.sum() - torch.cumsum(e, 0)).clamp_min(0).numpy()
+
+
 def allocate_ranks(layers: dict[str, tuple[torch.Tensor, tuple[int, int]]], budget: int,
                    max_units: int = 2_000_000) -> dict[str, int | None]:
+    """Per-layer ranks minimising the summed *relative* squared truncation error
+    (sum_{i>D} s_i^2 / sum s_i^2) under the budget; ``layers`` maps a name to (singular
+    values, matrix shape). See ``allocate``."""
+    curves = {}
+    for name, (s, shape) in layers.items():
+        tail = tail_losses(s.double().square())
+        total = float(s.double().square().sum())
+        curves[name] = (tail / total if total > 0 else np.zeros_like(tail), shape)
+    return allocate(curves, budget, max_units)
+
+
+def allocate(curves: dict[str, tuple[np.ndarray, tuple[int, int]]], budget: int,
+             max_units: int = 2_000_000) -> dict[str, int | None]:
     """Per-layer ranks under a global parameter budget (None: the layer stays dense).
 
-    ``layers`` maps a name to (singular values, matrix shape). The choice minimises the sum
-    over layers of the relative squared truncation error (sum_{i>D} s_i^2 / sum s_i^2) while
-    the weight parameters kept, sum of D (m + n) or m n for a dense layer, stay within
+    ``curves`` maps a name to (loss of the layer truncated at rank d, entry d - 1; matrix
+    shape); a dense layer loses nothing. The choice minimises the summed loss while the
+    weight parameters kept, sum of D (m + n) or m n for a dense layer, stay within
     ``budget``. Solved exactly by dynamic programming over the budget in units of the
     costs' greatest common divisor; when that would need more than ``max_units`` units the
     costs are rounded up to a coarser unit, which keeps the budget and may leave a sliver
     of it unused.
     """
-    choices = {}  # name -> list of (cost, error, rank or None)
-    for name, (s, (m, n)) in layers.items():
-        energy = s.double().square()
-        total = float(energy.sum())
-        tail = (total - torch.cumsum(energy, 0)).clamp_min(0) / total if total > 0 else torch.zeros_like(energy)
-        opts = [(d * (m + n), float(tail[d - 1]), d) for d in range(1, min(m, n) + 1)
+    choices = {}  # name -> list of (cost, loss, rank or None)
+    for name, (loss, (m, n)) in curves.items():
+        # a spectrum shorter than min(m, n) (directions without input energy): nothing left to lose
+        loss = np.concatenate([np.asarray(loss, dtype=np.float64), np.zeros(max(0, min(m, n) - len(loss)))])
+        opts = [(d * (m + n), float(loss[d - 1]), d) for d in range(1, min(m, n) + 1)
                 if saves_parameters(d, (m, n))]
         choices[name] = opts + [(m * n, 0.0, None)]
     least = sum(min(c for c, _, _ in opts) for opts in choices.values())

@@ -34,6 +34,7 @@ class LayerReport:
     rel_error: float  # ||W - W_D||_F / ||W||_F (0 when dense)
     reason: KeepDense | None = None  # why the layer stayed dense
     detail: str = ""  # the numbers behind the reason
+    fit: str = ""  # which fit the factors come from: "plain", "whiten", "compensated shrink=0.1"
 
     @property
     def note(self) -> str:
@@ -48,12 +49,15 @@ class LayerReport:
         return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "rank": self.rank,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "rel_error": self.rel_error,
-                "reason": self.reason.name.lower() if self.reason else None, "note": self.note}
+                "reason": self.reason.name.lower() if self.reason else None, "note": self.note,
+                "fit": self.fit}
 
 
 @dataclass
 class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
+    # with a budget allocated by a data-aware objective: what it measured and chose
+    allocation: dict | None = None
 
     @property
     def params_before(self) -> int:
@@ -75,8 +79,11 @@ class CompressionReport:
         return [r for r in self.layers if r.reason not in skip]
 
     def to_dict(self) -> dict:
-        return {"layers": [r.to_dict() for r in self.layers],
-                "params_before": self.params_before, "params_after": self.params_after}
+        out = {"layers": [r.to_dict() for r in self.layers],
+               "params_before": self.params_before, "params_after": self.params_after}
+        if self.allocation is not None:
+            out["allocation"] = self.allocation
+        return out
 
     def __str__(self) -> str:
         head = f"{'layer':<28} {'shape':>12} {'rank':>6} {'params':>10} {'->':>2} {'after':>10} {'rel.err':>8}"
@@ -87,7 +94,8 @@ class CompressionReport:
             err = f"{r.rel_error:.4f}" if r.rank is not None else ""
             line = (f"{r.name:<28} {shape:>12} {rank:>6} {r.params_before:>10,} {'':>2} "
                     f"{r.params_after:>10,} {err:>8}")
-            lines.append(line + (f"  ({r.note})" if r.note else ""))
+            fit = f"  [{r.fit}]" if r.fit and r.rank is not None else ""
+            lines.append(line + fit + (f"  ({r.note})" if r.note else ""))
         ratio = self.params_after / max(1, self.params_before)
         lines.append(f"total: {self.params_before:,} -> {self.params_after:,} parameters in "
                      f"these layers ({ratio:.1%} kept)")

@@ -55,10 +55,11 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
     t0 = time.perf_counter()
     model = load_hf(path)
     batches, what = None, None
-    if config.method == "whiten":
+    if config.needs_calibration:
         if isinstance(model, CausalLM):
             if calib is None:
-                raise ConfigError("whitening a causal LM needs calibration text: --calib FILE")
+                raise ConfigError("whitening or a data-aware allocation of a causal LM needs "
+                                  "calibration text: --calib FILE")
             batches = text_sequences(token_ids(model, calib), seq_len, calib_seqs)
             what = f"{sum(len(b['input_ids']) for b in batches)} sequences of {seq_len} tokens from {calib}"
         else:

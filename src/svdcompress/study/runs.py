@@ -194,9 +194,9 @@ def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data
     check_rank_fits(model, config)
     dataset = None
     calib = None
-    if config.method == "whiten" or data is not None:
+    if config.needs_calibration or data is not None:
         dataset = _matching(model, run_dataset(source, data))
-    if config.method == "whiten":
+    if config.needs_calibration:
         calib = calibration_batches(dataset, calib_batches)
     report = compress_(model, config, calib, progress=progress)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),

@@ -1,0 +1,198 @@
+"""Accuracy at a budget: fits chosen on held-out rows, loss-aware rank allocation."""
+
+import copy
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import svdcompress as sc
+from svdcompress.core.calibrate import Moments
+from svdcompress.core.factorize import split, svd, whitened_svd
+from svdcompress.core.fit import candidates, fit_layer, held_out_error
+from svdcompress.core.rank import allocate, saves_parameters
+
+
+def teacher(seed=0, width=64):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                        nn.Linear(width, 8))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight.shape[1] ** 0.5)
+    return net
+
+
+def inputs(n, seed, width=64):
+    """Features with a decaying spectrum, as real ones have."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=torch.Generator().manual_seed(99))
+    return (torch.randn(n, width, generator=g) * torch.logspace(0, -1.5, width)) @ mix
+
+
+def output_error(net, compressed, x):
+    with torch.no_grad():
+        return float((compressed(x) - net(x)).square().mean())
+
+
+def test_held_out_error_is_the_output_error_on_the_held_out_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 9, generator=g, dtype=torch.float64)  # original inputs
+    x2 = x + 0.2 * torch.randn(40, 9, generator=g, dtype=torch.float64)  # compressed network's
+    u, v = split(svd(w + 0.1), 3)
+    direct = float(((x @ w.T - x2 @ (u @ v).T).square().sum(1)).mean() - (x @ w.T).square().sum(1).mean())
+    held = (x2.T @ x2 / 40, x.T @ x2 / 40)
+    assert held_out_error(w, u, v, held) == pytest.approx(direct, rel=1e-9)
+
+
+def test_the_fit_chosen_has_the_least_held_out_error_and_is_refitted_on_all_rows():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    m = Moments()
+    for _ in range(3):
+        x = torch.randn(20, 16, generator=g, dtype=torch.float64)
+        m.add(x + 0.3 * torch.randn(20, 16, generator=g, dtype=torch.float64), x)
+    stats = m.stats()
+    dec, label = fit_layer(w, 4, stats, 1e-2)
+    scores = {}
+    for name, make in candidates(w, True, 1e-2).items():
+        scores[name] = held_out_error(w, *split(make(*stats.fit), 4), stats.held)
+    assert label == min(scores, key=scores.get)
+    refit = candidates(w, True, 1e-2)[label](stats.gram, stats.cross)
+    torch.testing.assert_close(dec.S, refit.S)
+    # no selection: the compensated fit on all rows, as before
+    assert fit_layer(w, 4, stats, 1e-2, select=False)[1].startswith("compensated")
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_whitened_default_does_not_lose_to_plain_with_few_or_many_rows(sequential):
+    """With fewer calibration rows than the input width the default keeps at least plain
+    SVD's accuracy on new inputs, and beats it with many rows; with few rows, the
+    compensated fit without a held-out choice fits the sample and does worse."""
+    test_x = inputs(2000, seed=7)
+    few_rows = {True: 0.0, False: 0.0}
+    for seed in range(3):
+        net = teacher(seed)
+        plain = copy.deepcopy(net)
+        sc.compress_(plain, sc.SVDConfig(rank=6))
+        e_plain = output_error(net, plain, test_x)
+        for rows, batches in ((24, 2), (1024, 8)):  # 48 rows for 64 inputs; 8,192 rows
+            calib = [inputs(rows, seed=100 * seed + i) for i in range(batches)]
+            for select in (True, False):
+                model = copy.deepcopy(net)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    sc.compress_(model, sc.SVDConfig(rank=6, method="whiten", sequential=sequential,
+                                                     select_fit=select), calib)
+                err = output_error(net, model, test_x)
+                few = any("fewer than 4 rows per input feature" in str(w.message) for w in caught)
+                assert few == (rows * batches < 4 * 64)
+                if rows < 64:
+                    few_rows[select] += err / e_plain
+                if select:
+                    assert err <= e_plain * 1.02, (rows, err, e_plain)
+                    if rows > 64:
+                        assert err < 0.9 * e_plain
+    if sequential:
+        assert few_rows[True] < 0.95 * few_rows[False]
+
+
+def brute_force(curves, budget):
+    options = []
+    for loss, (m, n) in curves.values():
+        opts = [(d * (m + n), float(loss[d - 1])) for d in range(1, min(m, n) + 1)
+                if saves_parameters(d, (m, n))]
+        options.append(opts + [(m * n, 0.0)])
+    feasible = [sum(e for _, e in combo) for combo in itertools.product(*options)
+                if sum(c for c, _ in combo) <= budget]
+    return min(feasible)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_of_any_loss_curves_is_optimal_and_within_budget(seed):
+    rng = np.random.default_rng(seed)
+    curves = {}
+    for i, shape in enumerate([(5, 7), (6, 4), (8, 8)]):
+        s2 = np.sort(rng.gamma(0.5, size=min(shape)))[::-1]
+        weight = rng.uniform(0.01, 100)  # a measured sensitivity
+        tail = weight * (s2.sum() - np.cumsum(s2))
+        curves[f"l{i}"] = (tail, shape)
+    for budget in (40, 60, 90, 130):
+        ranks = allocate(curves, budget)
+        cost = sum(r * sum(shape) if r else shape[0] * shape[1]
+                   for r, (_, shape) in zip(ranks.values(), curves.values()))
+        assert cost <= budget
+        loss = sum(float(tail[r - 1]) if r else 0.0 for r, (tail, _) in zip(ranks.values(), curves.values()))
+        assert loss == pytest.approx(brute_force(curves, budget), abs=1e-9)
+
+
+class Amplified(nn.Module):
+    """Two layers of equal spectra; the output reads the second 30 times louder."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.head = nn.Linear(64, 4)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(32, 32, generator=g) / 6)
+            self.b.weight.copy_(torch.randn(32, 32, generator=g) / 6)
+            self.head.weight[:, 32:] *= 30
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_loss_aware_allocation_measures_sensitivity_and_beats_uniform():
+    net = Amplified()
+    calib = [torch.randn(128, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    test_x = torch.randn(1000, 32)
+    errs, reports = {}, {}
+    for alloc in ("uniform", "global", "truncation-loss", "loss-aware"):
+        model = copy.deepcopy(net)
+        reports[alloc] = sc.compress_(model, sc.SVDConfig(ratio=0.3, method="whiten", allocation=alloc),
+                                      calib)
+        errs[alloc] = output_error(net, model, test_x)
+        kept = sum(r.params_after - (r.params_before - r.shape[0] * r.shape[1]) for r in reports[alloc].considered())
+        assert kept <= 0.3 * sum(r.shape[0] * r.shape[1] for r in reports[alloc].considered())
+    rep = reports["loss-aware"]
+    assert rep.allocation["chosen"] == "loss-aware"
+    assert rep.allocation["sensitivity"]["b"] > 100 * rep.allocation["sensitivity"]["a"]
+    ranks = {r.name: r.rank for r in rep.considered()}
+    assert ranks["b"] > ranks["a"]
+    assert errs["loss-aware"] < 0.7 * min(errs["uniform"], errs["global"], errs["truncation-loss"])
+    assert "allocation" in rep.to_dict() and "[whiten" in str(rep) or "[compensated" in str(rep) or "[plain" in str(rep)
+
+
+def test_loss_aware_allocation_keeps_uniform_when_it_measures_better(monkeypatch):
+    """The allocation is checked against uniform ranks on the network's output."""
+    from svdcompress.core import compress as compress_module
+    net = Amplified()
+    calib = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    # a sensitivity that is badly wrong (the quiet layer 'a' looks 10^6 times more sensitive)
+    monkeypatch.setattr(compress_module, "sensitivity",
+                        lambda distance, name, trunc, trials: (1e6 if name == "a" else 1.0, []))
+    model = copy.deepcopy(net)
+    report = sc.compress_(model, sc.SVDConfig(ratio=0.3, allocation="loss-aware", method="whiten"), calib)
+    assert report.allocation["chosen"] == "uniform"
+    uniform = sc.compress_(copy.deepcopy(net), sc.SVDConfig(ratio=0.3, method="whiten"), calib)
+    assert [r.rank for r in report.considered()] == [r.rank for r in uniform.considered()]
+
+
+def test_plain_method_with_a_data_aware_allocation_needs_and_uses_calibration():
+    net = Amplified()
+    with pytest.raises(sc.ConfigError, match="needs calibration"):
+        sc.compress_(copy.deepcopy(net), sc.SVDConfig(ratio=0.3, allocation="loss-aware"))
+    with pytest.raises(ValueError, match="needs ratio"):
+        sc.SVDConfig(rank=3, allocation="truncation-loss")
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    report = sc.compress_(copy.deepcopy(net), sc.SVDConfig(ratio=0.3, allocation="loss-aware"), calib)
+    assert all(r.fit == "plain" for r in report.compressed)
+    ranks = {r.name: r.rank for r in report.considered()}
+    assert ranks["b"] > ranks["a"]
