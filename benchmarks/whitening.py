@@ -1,9 +1,11 @@
-"""Data-aware (whitened) SVD against plain SVD on the study's MLP, without fine-tuning.
+"""Data-aware (whitened) SVD against plain SVD on the study's MLP, without fine-tuning, and
+the budgeted rank allocations against uniform ranks.
 
-For each dataset: the accuracy of plain truncation and of whitened truncation (parallel
-and sequential calibration, two dampings) at every D of the sweep; global rank allocation
-against uniform D = 20 at the same parameters; and the epochs that fine-tuning from plain
-and from whitened D = 20 factors takes to reach the baseline minus 0.3 points.
+For each dataset and 4, 16 and 64 calibration batches of 128: the test accuracy of plain
+truncation, of the whitened default (each layer's fit chosen on held-out calibration rows)
+and of the previous default (the compensated fit on all rows, select_fit=False) at every D
+of the sweep. Then, on 16 batches (the study's), uniform rank D against the global,
+truncation-loss and loss-aware allocations of the same weight parameters, at D = 10, 20, 50.
 
     python benchmarks/whitening.py [--fashion-base report/runs/base] [--out FILE]
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,74 +26,71 @@ import torch
 import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.study.data import FASHION_DIR, load_dataset
-from svdcompress.study.claims import epochs_to
-from svdcompress.study.experiments import finetune_factors, global_vs_uniform
+from svdcompress.study.experiments import ALLOC_RANKS, allocations
 from svdcompress.study.runs import calibration_batches, train_baseline
 from svdcompress.study.train import TrainConfig, evaluate
 
 RANKS = (10, 20, 50, 100, 200)
-VARIANTS = [  # (label, method, sequential, damping)
-    ("plain", "plain", False, 0.0),
-    ("whiten-parallel", "whiten", False, 1e-2),
-    ("whiten-sequential", "whiten", True, 1e-2),  # the default
-    ("whiten-sequential-d0.1", "whiten", True, 1e-1),
-]
+CALIB = (4, 16, 64)
+VARIANTS = {"plain": dict(method="plain"),
+            "whiten (default: fit chosen on held-out rows)": dict(method="whiten"),
+            "whiten, compensated on all rows (previous default)": dict(method="whiten", select_fit=False)}
 
 
-def accuracy_at(base, data, rank, method, sequential, damping, calib) -> float:
+def accuracy_at(base, data, rank, kw, calib) -> tuple[float, list]:
     model = copy.deepcopy(base)
-    sc.compress_(model, sc.SVDConfig(rank=rank, method=method, sequential=sequential,
-                                     damping=damping), calib if method == "whiten" else None)
-    return evaluate(model, data.x_test, data.y_test)["accuracy"]
+    report = sc.compress_(model, sc.SVDConfig(rank=rank, **kw), calib if kw["method"] == "whiten" else None)
+    return evaluate(model, data.x_test, data.y_test)["accuracy"], [r.fit for r in report.compressed]
 
 
-def run(name: str, base_dir: str | None, calib_batches: int, ft_epochs: int) -> dict:
+def run(name: str, base_dir: str | None) -> dict:
     data = load_dataset(name)
-    if base_dir:
-        base = sc.load(base_dir)
-    else:
-        base, _ = train_baseline(data, TrainConfig(epochs=20, device="cpu"), progress=False)
+    base = sc.load(base_dir) if base_dir else \
+        train_baseline(data, TrainConfig(epochs=20, device="cpu"), progress=False)[0]
     base = base.cpu()
     baseline = evaluate(base, data.x_test, data.y_test)["accuracy"]
-    calib = calibration_batches(data, calib_batches)
+    out = {"baseline": baseline, "base": base_dir or "trained here (20 epochs)", "calibration": {}}
+    for n in CALIB:
+        calib = calibration_batches(data, n)
+        t0 = time.perf_counter()
+        table, fits = {}, {}
+        for label, kw in VARIANTS.items():
+            table[label], fits[label] = {}, {}
+            for d in RANKS:
+                table[label][str(d)], fits[label][str(d)] = accuracy_at(base, data, d, kw, calib)
+        plain, default = table["plain"], table["whiten (default: fit chosen on held-out rows)"]
+        out["calibration"][str(n)] = {
+            "accuracy": table, "fits_chosen": fits["whiten (default: fit chosen on held-out rows)"],
+            "default_at_least_plain_at_every_D": all(default[d] >= plain[d] for d in plain),
+            "seconds": time.perf_counter() - t0}
+        for label, accs in table.items():
+            print(f"{name} {n:>2} batches {label[:24]:>24}: " +
+                  "  ".join(f"D={d} {100 * a:.2f}" for d, a in accs.items()), flush=True)
     t0 = time.perf_counter()
-    table = {label: {d: accuracy_at(base, data, d, m, seq, damp, calib) for d in RANKS}
-             for label, m, seq, damp in VARIANTS}
-    seconds = time.perf_counter() - t0
-    for label, accs in table.items():
-        print(f"{name} {label:>18}: " + "  ".join(f"D={d} {100 * a:.2f}" for d, a in accs.items()))
-    alloc = global_vs_uniform(base, data, 20, calib)
-    cfg = TrainConfig(epochs=ft_epochs, lr=1e-4, device="cpu")
-    ft = {}
-    for method in ("plain", "whiten"):
-        r = finetune_factors(base, data, 20, cfg, progress=False, method=method, calib=calib)
-        r.pop("model")
-        ft[method] = {"start": r["start_accuracy"], "end": r["accuracy"],
-                      "per_epoch": [h["test_accuracy"] for h in r["history"]],
-                      "epochs_to_baseline_minus_0.3": epochs_to(r, baseline - 0.003)}
-    return {"baseline": baseline, "base": base_dir or "trained here (20 epochs)",
-            "truncation_accuracy": {k: {str(d): a for d, a in v.items()} for k, v in table.items()},
-            "sweep_seconds_all_variants": seconds,
-            "allocation_at_D20_params": [{k: r[k] for k in ("method", "allocation", "accuracy",
-                                                             "params", "ranks")} for r in alloc],
-            "finetune_from_D20": ft}
+    rows = allocations(base, data, ALLOC_RANKS, calibration_batches(data, 16))
+    out["allocation_16_batches"] = [{k: r[k] for k in ("rank", "allocation", "accuracy", "params", "ranks", "chosen")}
+                                    for r in rows]
+    out["allocation_seconds"] = time.perf_counter() - t0
+    for r in rows:
+        print(f"{name} D={r['rank']} {r['allocation']:>16}: {100 * r['accuracy']:.2f}% "
+              f"ranks {list(r['ranks'].values())} {r['chosen'] or ''}", flush=True)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fashion-base", help="a saved Fashion-MNIST base run (default: train one)")
     p.add_argument("--mnist-base", help="a saved mnist-5k base run (default: train one)")
-    p.add_argument("--calib-batches", type=int, default=64)
-    p.add_argument("--ft-epochs", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "whitening.json"))
     args = p.parse_args()
+    warnings.filterwarnings("ignore", message=".*rows per input feature")  # 4 and 16 batches are few
     result = {"benchmark": "whitening", "device": "cpu", "threads": torch.get_num_threads(),
-              "calib_batches": args.calib_batches, "ranks": list(RANKS), "datasets": {}}
+              "calib_batches": list(CALIB), "ranks": list(RANKS), "datasets": {}}
     sets = [("mnist-5k", args.mnist_base)]
     if FASHION_DIR.is_dir():
         sets.insert(0, ("fashion-mnist", args.fashion_base))
     for name, base in sets:
-        result["datasets"][name] = run(name, base, args.calib_batches, args.ft_epochs)
+        result["datasets"][name] = run(name, base)
     out = Path(args.out)
     write_json(out, result)
     print(f"wrote {out}")

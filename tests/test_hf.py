@@ -89,3 +89,25 @@ def test_real_minilm_half_the_parameters_keeps_embeddings(tmp_path):
     loaded = sc.load(tmp_path)
     m = compare_embeddings(loaded, reference, synthetic_sentences(1000), queries=200)
     assert m["mean_cosine"] >= 0.95, m
+
+
+def test_cli_distils_a_compressed_encoder_without_labels(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "enc"
+    assert main(["compress", "--hf", str(tiny_bert), "--ratio", "0.2", "--method", "plain",
+                 "--out", str(out)]) == 0
+    student = sc.load(out)
+    teacher = load_encoder(tiny_bert)
+    texts = synthetic_sentences(60)
+    distance = lambda m: float((m.encode(texts) - teacher.encode(texts)).square().sum(1).mean())  # noqa: E731
+    before = distance(student)
+    kd = tmp_path / "enc-kd"
+    # this random encoder's embeddings are nearly parallel: its distances are in their norms
+    code = main(["finetune", str(out), "--out", str(kd), "--distill", "--epochs", "3", "--lr", "1e-4",
+                 "--embedding-loss", "mse", "--calib-sentences", "200", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    meta = json.loads((kd / "svdcompress.json").read_text())
+    assert meta["distill"]["embedding_loss"] == "mse" and len(meta["history"]) == 3
+    assert distance(sc.load(kd)) < 0.5 * before
+    assert main(["finetune", str(out), "--out", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "--distill" in capsys.readouterr().err

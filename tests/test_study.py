@@ -69,9 +69,18 @@ def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
         shown = c["verdict"] if c["verdict"] == "supported" else f"**{c['verdict']}**"
         assert f"| {c['claim']} | {shown} |" in report
     assert [r["method"] for r in results["sweep_whiten"]] == ["whiten"] * 4
-    assert {(r["method"], r["allocation"]) for r in results["allocation"]} == {
-        ("plain", "uniform"), ("plain", "global"), ("whiten", "uniform"), ("whiten", "global")}
-    assert "Whitened (data-aware) truncation" in report and "| whiten | global |" in report
+    assert {(r["rank"], r["allocation"]) for r in results["allocation"]} == {
+        (4, "uniform"), (4, "global"), (4, "truncation-loss"), (4, "loss-aware")}
+    assert "Whitened (data-aware) truncation" in report and "| 4 | loss-aware (chosen:" in report
+    # each method's learning rate was chosen on the validation split, never on the test split
+    lr = results["learning_rates"]
+    assert set(lr["chosen"]) == {"finetune", "distill", "dynamic"}
+    for name, rate in lr["chosen"].items():
+        assert rate in results["settings"]["lr_grid"] and results[name]["lr"] == rate
+        assert all(r["lr"] == rate for r in results[name]["runs"])
+    assert results["data"]["validation_samples"] + results["data"]["train_samples"] == 400
+    assert len(results["finetune"]["runs"]) == len(results["dynamic"]["runs"]) == 3
+    assert "## Recovering accuracy" in report and "Distillation from the dense network" in report
     assert (out_dir / "runs" / "base" / "svdcompress.json").is_file()
 
 

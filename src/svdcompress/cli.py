@@ -14,29 +14,23 @@ import json
 import signal
 import sys
 import traceback
+import warnings
 
 from . import __version__
 from .core import dist
 from .core.config import ALLOCATIONS, SVDConfig
-from .core.errors import SVDCompressError
+from .core.distill import Distill
+from .core.errors import ConfigError, SVDCompressError
 from .core.io import load, read_meta
 from .integrations.bench import bench_run
+from .integrations.distill import EncoderTrainConfig, distill_encoder_run
 from .integrations.export import export_run
 from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
 from .study.experiments import STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
-
-
-class UsageError(SVDCompressError):
-    """A command line that does not make sense (argparse's errors included)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit status 2)."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
+from .cli_types import (Parser, UsageError, fraction, positive_float, positive_int,  # noqa: F401
+                        rank_list, suffixes_or_regex)
 
 
 def cmd_info(args) -> None:
@@ -52,48 +46,6 @@ def cmd_info(args) -> None:
         print(f"  {e['name']:<28} {str(e.get('kind', '?')):<8} rank {e.get('rank')}")
     if not meta["layers"]:
         print("  (no low-rank layers: a dense model)")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _number(text: str, ok, expected: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")  # fails every check below
-    if not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    return _number(text, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
-
-
-def positive_float(text: str) -> float:
-    return _number(text, lambda v: v > 0, "a positive number")
-
-
-def rank_list(text: str) -> list:
-    """"10,20,full" -> [10, 20, None]"""
-    ranks = []
-    for part in text.split(","):
-        part = part.strip()
-        ranks.append(None if part == "full" else positive_int(part))
-    return ranks
-
-
-def suffixes_or_regex(text: str):
-    """A comma-separated list of name suffixes, or a regex when it has regex characters."""
-    return text if any(c in text for c in "\\^$*+?()[]{}|") else [s for s in text.split(",") if s]
 
 
 def train_config(args) -> TrainConfig:
@@ -120,9 +72,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
+    distill = Distill(args.temperature, args.alpha, args.embedding_loss) if args.distill else None
+    if read_meta(args.run).get("architecture", {}).get("name") == "hf-encoder":
+        if distill is None:
+            raise ConfigError("a sentence encoder is fine-tuned by distillation: add --distill")
+        history = distill_encoder_run(
+            args.run, args.out, EncoderTrainConfig(args.epochs, args.lr, args.batch_size, args.seed),
+            distill, teacher=args.teacher, texts=args.calib, sentences=args.calib_sentences,
+            resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        print(f"saved {args.out}: held-out cosine to the teacher "
+              f"{history[-1]['held_out_cosine']:.4f}" if history else f"saved {args.out}")
+        return
     history = continue_training(args.run, train_config(args), args.out, data=args.data,
                                 resume=args.resume, overwrite=args.overwrite,
-                                progress=not args.quiet)
+                                progress=not args.quiet, distill=distill, teacher=args.teacher)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
 
@@ -304,6 +267,16 @@ def build_parser() -> Parser:
     s.add_argument("--out", required=True)
     s.add_argument("--data", help="dataset (default: the run's)")
     add_train_args(s, epochs=5, lr=1e-4)
+    s.add_argument("--distill", action="store_true", help="learn from the dense model the run was "
+                   "compressed from: KL on the logits mixed with the labels; an encoder: its "
+                   "embeddings, no labels")
+    s.add_argument("--teacher", help="with --distill: the teacher run or model (default: the source)")
+    s.add_argument("--temperature", type=positive_float, default=4.0, help="KL temperature (default 4)")
+    s.add_argument("--alpha", type=float, default=0.9, help="share of the distillation loss (default 0.9)")
+    s.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
+    s.add_argument("--calib", help="encoder: a text file to distil on, one sentence a line")
+    s.add_argument("--calib-sentences", type=positive_int, default=512,
+                   help="encoder without --calib: generated sentences (default 512)")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("eval-embeddings", help="a compressed encoder against its reference, without labels")
@@ -373,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.setup(getattr(args, "device", "cpu"))  # under torchrun: join its process group
         if dist.active():
             signal.signal(signal.SIGTERM, _stopped)
-        with contextlib.redirect_stdout(sys.stdout if dist.is_main() else io.StringIO()):
+        with contextlib.redirect_stdout(sys.stdout if dist.is_main() else io.StringIO()), \
+                warnings.catch_warnings():
+            if not getattr(args, "debug", False):  # a warning is one line, as an error is
+                warnings.showwarning = _one_line
             args.func(args)
     except (SVDCompressError, OSError) as err:  # user-caused: bad value, bad or missing file
         if getattr(args, "debug", False):
@@ -386,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.teardown()
     return 0
+
+
+def _one_line(message, category, *rest, **kwargs) -> None:
+    print(f"svdcompress: warning: {message}", file=sys.stderr)
 
 
 def _stopped(signum, frame):

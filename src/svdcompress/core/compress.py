@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -90,10 +92,12 @@ def _triplet_losses(dec: SVD, stats: Stats) -> torch.Tensor:
 
 
 def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs: dict,
-                      stats: dict, calibration: list) -> tuple[dict, dict]:
+                      stats: dict, calibration: list, device) -> tuple[dict, dict]:
     """Ranks under the budget minimising the summed truncation loss ("truncation-loss") or
-    the summed sensitivity-weighted loss ("loss-aware", then checked against uniform ranks
-    on the network's output); and what was measured, for the report."""
+    the summed sensitivity-weighted loss ("loss-aware"); and what was measured, for the
+    report. Loss-aware ranks are checked: a copy of the model is compressed with them and
+    another with uniform ranks, exactly as compress_ will, and the ranks whose network
+    output on the calibration batches is nearer the original's are kept."""
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
     tails = {n: tail_losses(_triplet_losses(decs[n], stats[n])) for n in shapes}
@@ -113,8 +117,14 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     floor = 1e-3 * typical  # a layer whose truncation did not move the output still costs
     weights = {n: max(floor, typical if v is None else v) for n, v in slopes.items()}
     ranks = allocate({n: (weights[n] * tails[n], shapes[n]) for n in shapes}, budget)
-    measured = {label: distance.with_layers({n: trunc[n](r) for n, r in choice.items() if r is not None})
-                for label, choice in (("loss-aware", ranks), ("uniform", uniform))}
+    measured = {}
+    for label, choice in (("loss-aware", ranks), ("uniform", uniform)):
+        trial = copy.deepcopy(model)
+        with warnings.catch_warnings():  # the real compression warns, once
+            warnings.simplefilter("ignore")
+            _compress(trial, replace(config, allocation="uniform"), calibration, device=device, fixed=choice)
+        measured[label] = distance(trial)
+        del trial
     chosen = "loss-aware" if measured["loss-aware"] <= measured["uniform"] else "uniform"
     return (ranks if chosen == "loss-aware" else uniform), {
         "objective": config.allocation, "chosen": chosen, "output_distance": measured,
@@ -199,12 +209,18 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     """
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
-    whiten = config.method == "whiten"
     if config.allocation in DATA_ALLOCATIONS and calibration is None:
         raise ConfigError(f"allocation={config.allocation!r} needs calibration batches")
     # under torchrun each process streams its share; the statistics are summed over all
-    calibration = dist.share(_batches(calibration)) \
-        if whiten or config.allocation in DATA_ALLOCATIONS else None
+    calibration = dist.share(_batches(calibration)) if config.needs_calibration else None
+    return _compress(model, config, calibration, progress=progress, device=device)
+
+
+def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
+              progress: bool = False, device=None, fixed: dict | None = None) -> CompressionReport:
+    """compress_ on calibration batches already read (and shared under torchrun); ``fixed``:
+    per-layer ranks to use instead of the config's (None: dense)."""
+    whiten = config.method == "whiten"
     output = output_layer_name(model) if config.skip_output_layer else None
     shared = shared_weights(model)
     counted: set[int] = set()  # parameters already in a report row
@@ -235,7 +251,7 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
         raise ConfigError("nothing to compress: " + _nothing(report))
     blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
     in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}
-    spectra = config.spec.kind == "energy" or config.allocation != "uniform"
+    spectra = fixed is None and (config.spec.kind == "energy" or config.allocation != "uniform")
     # per-layer path: statistics of every layer; block layers only when ranks need them
     need = [(n, m) for n, m, _, _ in eligible if (whiten and n not in in_blocks) or spectra]
     stats = collect(model, dict(need), calibration, _run_batch, progress) \
@@ -243,11 +259,14 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     decs = {n: _decompose(w, stats.get(n) if whiten else None, config) for n, _, _, w in eligible
             if not whiten or n in stats}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
-    if config.allocation == "global":
+    if fixed is not None:
+        ranks = {n: fixed.get(n) for n in shapes}
+    elif config.allocation == "global":
         budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
         ranks = allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)
     elif config.allocation in DATA_ALLOCATIONS:
-        ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats, calibration)
+        ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats, calibration,
+                                                     device)
     else:  # a fixed rank or a parameter ratio needs no spectrum
         ranks = {n: choose_rank(decs[n].S if n in decs else None, config.spec, shapes[n])
                  for n in shapes}
@@ -300,7 +319,7 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
                       "whitened fit learns such data rather than the network's; each layer's fit "
                       "was chosen on held-out rows" + ("" if config.select_fit else
                       " (not with select_fit=False)") + ", and more calibration batches would help",
-                      stacklevel=2)
+                      stacklevel=3)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.layers.sort(key=lambda r: order.get(r.name, -1))
     return report

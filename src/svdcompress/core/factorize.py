@@ -34,13 +34,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _svd(a: torch.Tensor, top: int | None = None):
+    """Thin SVD; with ``top``, only (about) the leading ``top`` triplets, by a randomized
+    SVD (oversampled by 10, four power iterations) when that is much cheaper. Used to score
+    candidate fits, never for the factors a model keeps."""
+    if top is not None and top + 10 < min(a.shape) // 2:
+        U, S, V = torch.svd_lowrank(a, q=top + 10, niter=4)
+        return U, S, V.T
+    return torch.linalg.svd(a, full_matrices=False)
+
+
 @torch.no_grad()
-def svd(weight: torch.Tensor) -> SVD:
+def svd(weight: torch.Tensor, top: int | None = None) -> SVD:
     """Thin SVD of a 2-D weight, computed in float32 (float64 for float64 weights)."""
     if weight.dim() != 2:
         raise ValueError(f"svd expects a 2-D matrix, got shape {tuple(weight.shape)}")
     w = weight.detach().to(compute_dtype(weight.dtype))
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    U, S, Vh = _svd(w, top)
     return SVD(U, S, Vh)
 
 
@@ -66,7 +76,8 @@ def truncated_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2) -> SVD:
+def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2,
+                 top: int | None = None) -> SVD:
     """SVD of W L where L L^T = E[x x^T] + damping * mean(diag) * I, in float64.
 
     Its singular values measure output error on the calibration inputs, so truncating it
@@ -81,11 +92,11 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
         raise ValueError(f"second-moment matrix {tuple(c.shape)} does not match weight {tuple(w.shape)}")
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:  # no input energy at all: whitening is meaningless, the plain SVD is exact
-        return svd(weight.to(torch.float64))
+        return svd(weight.to(torch.float64), top)
     c = c + damping * scale * torch.eye(n, dtype=c.dtype, device=c.device)
     chol, info = torch.linalg.cholesky_ex(c)
     if int(info) == 0:
-        U, S, Vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        U, S, Vh = _svd(w @ chol, top)
         # B L^{-1} = (L^{-T} B^T)^T: one triangular solve
         unwhiten = lambda b: torch.linalg.solve_triangular(chol.T, b.T, upper=True).T  # noqa: E731
         return SVD(U, S, Vh, unwhiten)
@@ -93,14 +104,14 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     keep = evals > evals.max() * n * torch.finfo(torch.float64).eps
     root = evals[keep].sqrt()
     basis = evecs[:, keep]  # L = basis diag(root), L^+ = diag(1/root) basis^T
-    U, S, Vh = torch.linalg.svd(w @ (basis * root), full_matrices=False)
+    U, S, Vh = _svd(w @ (basis * root), top)
     unwhiten = lambda b: (b / root) @ basis.T  # noqa: E731
     return SVD(U, S, Vh, unwhiten)
 
 
 @torch.no_grad()
 def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
-                    damping: float = 1e-2, shrink: float | None = None) -> SVD:
+                    damping: float = 1e-2, shrink: float | None = None, top: int | None = None) -> SVD:
     """Rank-D factors minimising ||W X - W_D X'|| when the layer's inputs changed from X (the
     original network) to X' (the network whose earlier layers are compressed).
 
@@ -116,9 +127,9 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     n = c.shape[0]
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:
-        return svd(w)
+        return svd(w, top)
     ridge = damping if shrink is None else shrink
     damped = c + ridge * scale * torch.eye(n, dtype=c.dtype, device=c.device)
     a = cross.to(w.device, torch.float64)
     target = w + torch.linalg.solve(damped, (a - c).T @ w.T).T
-    return whitened_svd(target, c, damping)
+    return whitened_svd(target, c, damping, top)

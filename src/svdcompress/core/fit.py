@@ -40,17 +40,19 @@ def held_out_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
 
 
 def candidates(weight: torch.Tensor, compensate: bool, damping: float
-               ) -> dict[str, Callable[[torch.Tensor, torch.Tensor | None], SVD]]:
-    """label -> fit(gram, cross) of every candidate (see the module's docstring)."""
-    plain = functools.cache(lambda: svd(weight))  # the same whatever the data: computed once
-    out: dict[str, Callable] = {"plain": lambda g, c: plain(),
-                                "whiten": lambda g, c: whitened_svd(weight, g, damping)}
+               ) -> dict[str, Callable[..., SVD]]:
+    """label -> fit(gram, cross, top=None) of every candidate (see the module's docstring);
+    ``top``: only the leading triplets are needed (a cheaper, randomized SVD)."""
+    plain = functools.cache(lambda top=None: svd(weight, top))  # the same whatever the data
+    out: dict[str, Callable] = {"plain": lambda g, c, top=None: plain(top),
+                                "whiten": lambda g, c, top=None: whitened_svd(weight, g, damping, top)}
     if damping < STRONG_DAMPING:
-        out[f"whiten damping={STRONG_DAMPING:g}"] = lambda g, c: whitened_svd(weight, g, STRONG_DAMPING)
+        out[f"whiten damping={STRONG_DAMPING:g}"] = \
+            lambda g, c, top=None: whitened_svd(weight, g, STRONG_DAMPING, top)
     if compensate:
         for lam in SHRINK:
             out[f"compensated shrink={lam:g}"] = \
-                lambda g, c, lam=lam: compensated_svd(weight, g, c, damping, lam)
+                lambda g, c, top=None, lam=lam: compensated_svd(weight, g, c, damping, lam, top)
     return out
 
 
@@ -78,7 +80,7 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     fit_gram, fit_cross = stats.fit
     scores = {}
     for label, make in fits.items():
-        dec = make(fit_gram, fit_cross)
+        dec = make(fit_gram, fit_cross, top=rank)  # scored on its leading triplets only
         u, v = split(dec, min(rank, dec.S.numel()))
         scores[label] = held_out_error(weight, u, v, stats.held)
     best = min(scores, key=lambda k: (scores[k], k != "plain"))  # a tie goes to plain

@@ -34,6 +34,7 @@ class RunInfo:
     projection: dict | None = None  # dynamic training: {"rank", "method"}
     calibration: str | None = None  # what calibrated a data-aware compression
     seconds: float | None = None  # how long the run's main step took
+    distill: dict | None = None  # distillation: {"teacher", "temperature", "alpha", ...}
 
     def to_dict(self) -> dict:
         out = {}
@@ -61,7 +62,8 @@ class RunInfo:
 
 
 _TYPES = {"source": str, "train": dict, "history": list, "metrics": dict, "compression": dict,
-          "projection": dict, "calibration": str, "seconds": (int, float)}
+          "projection": dict, "calibration": str, "seconds": (int, float),
+          "distill": dict}
 
 
 def _data_info(value) -> DataInfo:

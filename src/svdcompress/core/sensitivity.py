@@ -54,11 +54,13 @@ class OutputDistance:
                 size += ref.numel() * 4
 
     @torch.no_grad()
-    def __call__(self) -> float:
+    def __call__(self, model: nn.Module | None = None) -> float:
+        """The distance of ``model`` (default: the model, as it is now)."""
+        model = self.model if model is None else model
         sums = torch.zeros(2, dtype=torch.float64)
-        with _eval(self.model):
+        with _eval(model):
             for batch, ref in zip(self.batches, self.reference):
-                out = first_tensor(self.forward(self.model, batch)).float()
+                out = first_tensor(self.forward(model, batch)).float()
                 sums[0] += float((out - ref).double().square().sum())
                 sums[1] += float(ref.double().square().sum())
         dist.sum_(sums)

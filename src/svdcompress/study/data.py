@@ -157,3 +157,19 @@ def write_idx(path: str | Path, array: np.ndarray, compress: bool = False) -> No
     header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     raw = header + array.tobytes()
     Path(path).write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(fit, validation): ``fraction`` of the training samples, drawn with ``seed``, held
+    out as validation. ``fit`` trains on the rest and tests on the test split; ``validation``
+    trains on the same rest and "tests" on the held-out samples (to choose settings by),
+    so no choice ever sees the test split and no sample is both trained and validated on."""
+    n = len(data.x_train)
+    if not 0 < fraction < 1 or int(n * fraction) < 1:
+        raise DataError(f"cannot hold out {fraction} of {n} training samples for validation")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:int(n * fraction)].sort().values, perm[int(n * fraction):].sort().values
+    x, y = data.x_train[rest], data.y_train[rest]
+    fit = Dataset(data.name, x, y, data.x_test, data.y_test, data.mean, data.std)
+    validation = Dataset(data.name, x, y, data.x_train[val], data.y_train[val], data.mean, data.std)
+    return fit, validation

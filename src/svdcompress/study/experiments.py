@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from ..core.io import save
 from ..core.report import model_size
 from ..core.runinfo import DataInfo, RunInfo
 from ..core.swap import project_, unproject_
-from .claims import CLOSE, claims, mean_accuracy
-from .data import Dataset, load_dataset
+from ..core.distill import Distill
+from .claims import claims
+from .data import Dataset, load_dataset, split_validation
 from .report import write_report
 from .runs import calibration_batches, sweep, train_baseline
 from .train import TrainConfig, evaluate, train
@@ -33,34 +35,43 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
 
 
 def finetune_factors(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig,
-                     progress=True, method: str = "plain", calib=None) -> dict:
-    """Compress ``base`` at ``rank`` and fine-tune the factors (the study's second experiment)."""
+                     progress=True, method: str = "plain", calib=None,
+                     distill: Distill | None = None) -> dict:
+    """Compress ``base`` at ``rank`` and fine-tune the factors (the study's second
+    experiment); with ``distill``, learning from ``base`` itself (KL on its logits mixed
+    with the labels)."""
     model = copy.deepcopy(base).cpu()
     compress_(model, SVDConfig(rank=rank, method=method), calib)
     start = evaluate(model, data.x_test, data.y_test)["accuracy"]
     t0 = time.perf_counter()
     history = train(model, data, cfg, progress=progress,
-                    desc=f"finetune {method} D={rank} seed {cfg.seed}")
-    return {"seed": cfg.seed, "method": method, "start_accuracy": start, "history": history,
-            "accuracy": history[-1]["test_accuracy"] if history else start,
-            "seconds": time.perf_counter() - t0, "model": model}
+                    desc=f"{'distill' if distill else 'finetune'} {method} D={rank} seed {cfg.seed}",
+                    teacher=copy.deepcopy(base) if distill else None, distill=distill)
+    return {"seed": cfg.seed, "method": method, "lr": cfg.lr, "start_accuracy": start,
+            "history": history, "accuracy": history[-1]["test_accuracy"] if history else start,
+            "seconds": time.perf_counter() - t0, "model": model,
+            "distill": distill.to_dict() if distill else None}
 
 
-def global_vs_uniform(base: nn.Module, data: Dataset, rank: int, calib) -> list[dict]:
-    """Uniform rank D against global allocation of the same parameters, plain and whitened."""
+def allocations(base: nn.Module, data: Dataset, ranks, calib, method: str = "whiten") -> list[dict]:
+    """Uniform rank D against every budgeted allocation of the same weight parameters."""
     rows = []
-    for method in ("plain", "whiten"):
+    for rank in ranks:
         uniform = copy.deepcopy(base).cpu()
         rep_u = compress_(uniform, SVDConfig(rank=rank, method=method), calib)
         layers = rep_u.considered()
         weights = sum(r.shape[0] * r.shape[1] for r in layers)
         kept = sum(r.rank * sum(r.shape) if r.rank else r.shape[0] * r.shape[1] for r in layers)
-        glob = copy.deepcopy(base).cpu()  # the same share of weights, placed where it helps most
-        rep_g = compress_(glob, SVDConfig(ratio=kept / weights, method=method, allocation="global"), calib)
-        for name, model, rep in (("uniform", uniform, rep_u), ("global", glob, rep_g)):
-            rows.append({"method": method, "allocation": name, "weight_ratio": kept / weights,
+        done = [("uniform", uniform, rep_u)]
+        for allocation in ALLOCATIONS:
+            model = copy.deepcopy(base).cpu()
+            rep = compress_(model, SVDConfig(ratio=kept / weights, method=method, allocation=allocation), calib)
+            done.append((allocation, model, rep))
+        for name, model, rep in done:
+            rows.append({"method": method, "rank": rank, "allocation": name, "weight_ratio": kept / weights,
                          **evaluate(model, data.x_test, data.y_test), **model_size(model),
-                         "ranks": {r.name: r.rank for r in rep.considered()}})
+                         "ranks": {r.name: r.rank for r in rep.considered()},
+                         "chosen": (rep.allocation or {}).get("chosen")})
     return rows
 
 
@@ -71,31 +82,72 @@ def dynamic_training(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig
     keep the final factors (the study's third experiment)."""
     model = copy.deepcopy(base).cpu()
     project_(model, rank, method=method)
+    start = evaluate(model, data.x_test, data.y_test)["accuracy"]
     t0 = time.perf_counter()
     history = train(model, data, cfg, progress=progress, checkpoint_dir=checkpoint_dir,
                     resume=resume, desc=f"dynamic D={rank} seed {cfg.seed}")
     seconds = time.perf_counter() - t0
     unproject_(model.cpu())
-    return {"seed": cfg.seed, "history": history,
+    return {"seed": cfg.seed, "lr": cfg.lr, "start_accuracy": start, "history": history,
             "accuracy": evaluate(model, data.x_test, data.y_test)["accuracy"],
             "seconds": seconds, "model": model}
 
 
-QUICK = {"limit_train": 10_000, "epochs": 3, "ft_epochs": 2}
+QUICK = {"limit_train": 10_000, "epochs": 3, "ft_epochs": 2, "grid_samples": 3_000, "grid_epochs": 1}
+LR_GRID = (1e-4, 3e-4, 1e-3)  # each method's learning rate is chosen from these ...
+GRID = {"grid_samples": 15_000, "grid_epochs": 2}  # ... on the validation split, training on a subset
+ALLOC_RANKS = (10, 20, 50)
+ALLOCATIONS = ("global", "truncation-loss", "loss-aware")
+SEEDS = 3  # fine-tuning and dynamic training are repeated over seeds for a standard error
+
+
+def accuracy_at(run: dict, seconds: float) -> float:
+    """Test accuracy of a run's last epoch finished within ``seconds`` of training."""
+    acc, spent = run["start_accuracy"], 0.0
+    for h in run["history"]:
+        spent += h["seconds"]
+        if spent > seconds:
+            break
+        acc = h["test_accuracy"]
+    return acc
+
+
+def choose_lr(run, grid=LR_GRID) -> tuple[float, dict]:
+    """The learning rate whose run ends with the best validation accuracy (ties: the
+    smaller rate), and every rate's score."""
+    scores = {lr: run(lr)["accuracy"] for lr in grid}
+    return max(grid, key=lambda lr: (scores[lr], -lr)), {str(lr): a for lr, a in scores.items()}
 
 
 def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-3,
-              ft_rank=20, ft_epochs=5, ft_lr=1e-4, seed=0, ranks=STUDY_RANKS,
-              hidden=(1024,) * 5, dynamic=True, calib_batches=64, device="auto",
-              progress=True) -> dict:
-    """The whole study into ``out``: results.json, report.md and figures; runs under out/runs."""
+              ft_rank=20, ft_epochs=5, seed=0, ranks=STUDY_RANKS,
+              hidden=(1024,) * 5, dynamic=True, calib_batches=16, device="auto",
+              progress=True, val_fraction=0.1) -> dict:
+    """The whole study into ``out``: results.json, report.md and figures; runs under out/runs.
+
+    A validation split (``val_fraction`` of the training samples) is held out from
+    everything that trains; fine-tuning, distillation and dynamic training each take the
+    learning rate of LR_GRID with the best validation accuracy (short runs on a subset:
+    GRID), then run ``ft_epochs`` on the rest of the training data over SEEDS seeds, and
+    only their final numbers are read on the test split."""
+    with warnings.catch_warnings():  # 16 batches are 2 rows per input: known, and said in the report
+        warnings.filterwarnings("ignore", message=".*rows per input feature")
+        return _reproduce(data_name, out, quick=quick, epochs=epochs, lr=lr, ft_rank=ft_rank,
+                          ft_epochs=ft_epochs, seed=seed, ranks=ranks, hidden=hidden, dynamic=dynamic,
+                          calib_batches=calib_batches, device=device, progress=progress,
+                          val_fraction=val_fraction)
+
+
+def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, ranks, hidden,
+               dynamic, calib_batches, device, progress, val_fraction) -> dict:
     out = Path(out)
     limit = QUICK["limit_train"] if quick else None
+    grid = {k: QUICK[k] for k in GRID} if quick else dict(GRID)
     if quick:
         epochs, ft_epochs = min(epochs, QUICK["epochs"]), min(ft_epochs, QUICK["ft_epochs"])
     timings = {}
     t0 = time.perf_counter()
-    data = load_dataset(data_name, limit_train=limit)
+    data, val = split_validation(load_dataset(data_name, limit_train=limit), val_fraction, seed)
     timings["load_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -112,42 +164,61 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
     calib = calibration_batches(data, calib_batches, seed=seed)
     rows_w = sweep(base, data, ranks, progress=progress, method="whiten",
                    calib_batches=calib_batches)
-    allocation = global_vs_uniform(base, data, ft_rank, calib)
+    alloc_ranks = [r for r in ranks if r in ALLOC_RANKS] if not quick else []
+    allocation = allocations(base, data, alloc_ranks or [ft_rank], calib)
     timings["sweep_whiten_and_allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    seeds = [seed]
+    g = torch.randperm(len(val.x_train), generator=torch.Generator().manual_seed(seed))[:grid["grid_samples"]]
+    small = Dataset(val.name, val.x_train[g], val.y_train[g], val.x_test, val.y_test, val.mean, val.std)
+    methods = {  # name -> run(data, cfg): each method of recovering accuracy at D = ft_rank
+        "finetune": lambda d, c: finetune_factors(base, d, ft_rank, c, progress=progress),
+        "distill": lambda d, c: finetune_factors(base, d, ft_rank, c, progress=progress, method="whiten",
+                                                 calib=calib, distill=Distill()),
+        "dynamic": lambda d, c: dynamic_training(base, d, ft_rank, c, progress=progress),
+    }
+    if not dynamic:
+        methods.pop("dynamic")
+    chosen, grids = {}, {}
+    for name, run in methods.items():
+        chosen[name], grids[name] = choose_lr(
+            lambda lr, run=run: run(small, TrainConfig(epochs=grid["grid_epochs"], lr=lr, seed=seed, device=device)))
+    timings["learning_rate_grid"] = time.perf_counter() - t0
 
-    def ft_cfg(s):
-        return TrainConfig(epochs=ft_epochs, lr=ft_lr, seed=s, device=device)
+    t0 = time.perf_counter()
+    seeds = [seed + i for i in range(SEEDS)]
 
-    ft_runs = [finetune_factors(base, data, ft_rank, ft_cfg(seed), progress=progress)]
-    ft_whiten = finetune_factors(base, data, ft_rank, ft_cfg(seed), progress=progress,
+    def ft_cfg(name, s):
+        return TrainConfig(epochs=ft_epochs, lr=chosen[name], seed=s, device=device)
+
+    runs = {name: [run(data, ft_cfg(name, s)) for s in (seeds if name != "distill" else seeds[:1])]
+            for name, run in methods.items()}
+    ft_whiten = finetune_factors(base, data, ft_rank, ft_cfg("finetune", seed), progress=progress,
                                  method="whiten", calib=calib)
     ft_whiten.pop("model")
-    dyn_runs = []
-    if dynamic:
-        dyn_runs.append(dynamic_training(base, data, ft_rank, ft_cfg(seed), progress=progress))
-        if abs(mean_accuracy(dyn_runs) - mean_accuracy(ft_runs)) < CLOSE:  # too close for one seed to tell
-            seeds += [seed + 1, seed + 2]
-            for s in seeds[1:]:
-                ft_runs.append(finetune_factors(base, data, ft_rank, ft_cfg(s), progress=progress))
-                dyn_runs.append(dynamic_training(base, data, ft_rank, ft_cfg(s), progress=progress))
     data_info = DataInfo(data.name, limit)
-    for name, runs in (("ft", ft_runs), ("dyn", dyn_runs)):
-        for r in runs:
+    for name, done in runs.items():
+        for r in done:
             model = r.pop("model")
             if r["seed"] == seed:
                 save(model, out / "runs" / f"d{ft_rank}-{name}", config=SVDConfig(rank=ft_rank),
                      info=RunInfo(data=data_info, history=r["history"]), overwrite=True)
-    timings["finetune_and_dynamic"] = time.perf_counter() - t0
+    timings["finetune_distill_dynamic"] = time.perf_counter() - t0
 
+    equal_time = None
+    if dynamic:  # each pair of seeds compared at the time the faster of the two took
+        pairs = list(zip(runs["finetune"], runs["dynamic"]))
+        budget = [min(sum(h["seconds"] for h in r["history"]) for r in pair) for pair in pairs]
+        equal_time = {"seconds": budget,
+                      "finetune": [accuracy_at(f, b) for (f, _), b in zip(pairs, budget)],
+                      "dynamic": [accuracy_at(d, b) for (_, d), b in zip(pairs, budget)]}
+    settings = {"rank": ft_rank, "epochs": ft_epochs}
     results = {
-        "data": {"name": data.name, "train_samples": len(data.x_train),
+        "data": {"name": data.name, "train_samples": len(data.x_train), "validation_samples": len(val.x_test),
                  "test_samples": len(data.x_test), "limit_train": limit},
         "settings": {"quick": quick, "epochs": epochs, "lr": lr, "batch_size": cfg.batch_size,
-                     "seed": seed, "ft_rank": ft_rank, "ft_epochs": ft_epochs, "ft_lr": ft_lr,
-                     "architecture": base.arch_spec(), "device": str(device),
+                     "seed": seed, "ft_rank": ft_rank, "ft_epochs": ft_epochs, "lr_grid": list(LR_GRID),
+                     **grid, "architecture": base.arch_spec(), "device": str(device),
                      "threads": torch.get_num_threads()},
         "baseline": {"history": history, **evaluate(base, data.x_test, data.y_test),
                      **model_size(base)},
@@ -155,10 +226,14 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=20, lr=1e-
         "sweep_whiten": rows_w,
         "allocation": allocation,
         "calib_batches": calib_batches,
-        "finetune": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": ft_runs},
-        "finetune_whiten": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": [ft_whiten]},
-        "dynamic": {"rank": ft_rank, "epochs": ft_epochs, "lr": ft_lr, "runs": dyn_runs,
+        "learning_rates": {"chosen": chosen, "validation_accuracy": grids},
+        "finetune": {**settings, "lr": chosen["finetune"], "runs": runs["finetune"]},
+        "finetune_whiten": {**settings, "lr": chosen["finetune"], "runs": [ft_whiten]},
+        "distill": {**settings, "lr": chosen["distill"], "runs": runs["distill"],
+                    **Distill().to_dict(), "start": "whiten"},
+        "dynamic": {**settings, "lr": chosen["dynamic"], "runs": runs["dynamic"],
                     "method": "subspace"} if dynamic else None,
+        "equal_time": equal_time,
         "seeds": seeds,
         "spectra": spectra(base),
         "timings": timings,

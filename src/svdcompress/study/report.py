@@ -92,7 +92,7 @@ def fig_training_curves(results: dict, path: Path) -> None:
     h = results["baseline"]["history"]
     ax.plot([r["epoch"] for r in h], [100 * r["test_accuracy"] for r in h], "o-", label="baseline")
     n = len(h)
-    for key, label in (("finetune", "fine-tune factors"), ("dynamic", "dynamic training")):
+    for key, label in (("finetune", "fine-tune factors"), ("distill", "distil"), ("dynamic", "dynamic training")):
         if results.get(key):
             for run in results[key]["runs"]:
                 hh = run["history"]
@@ -128,19 +128,59 @@ def whitening_section(results: dict) -> list[str]:
              f"{results.get('calib_batches', '?')} training batches of 128 (damping 0.01 of the mean "
              "diagonal), so truncation minimises the error of the layer's outputs rather than of its "
              "weights; layers are factorised in order, each fitted to the original layer's outputs "
-             "from the inputs the compressed layers before it produce (sequential calibration).", "", "| D | plain | whitened | parameters |", "|---|---:|---:|---:|"]
+             "from the inputs the compressed layers before it produce (sequential calibration). "
+             "That is few rows for 1,024-wide layers, so each layer's fit (plain, whitened, or "
+             "compensated with a shrunk correction) is the one with the smallest output error on "
+             "held-out rows, the last quarter of every batch, refitted on all rows.", "", "| D | plain | whitened | parameters |", "|---|---:|---:|---:|"]
     for p, w in zip(results["sweep"], white):
         lines.append(f"| {p['rank']} | {_pct(p['accuracy'])} | {_pct(w['accuracy'])} | {p['params']:,} |")
     alloc = results.get("allocation") or []
     if alloc:
-        lines += ["", f"Uniform rank {results['finetune']['rank']} against a global allocation of the "
-                  "same weight parameters (ranks chosen per layer to minimise the summed relative "
-                  "truncation error):", "", "| method | allocation | accuracy | parameters | ranks |",
-                  "|---|---|---:|---:|---|"]
+        lines += ["", "Uniform rank D against per-layer ranks under the same weight-parameter budget "
+                  "(whitened): `global` minimises the summed relative truncation error, "
+                  "`truncation-loss` the summed absolute output error of the layers (SVD-LLM V2), "
+                  "`loss-aware` that error weighted by each layer's measured sensitivity (kept only "
+                  "when the network's output on the calibration data is nearer the original's than "
+                  "with uniform ranks; `chosen` says which):", "",
+                  "| D | allocation | accuracy | parameters | ranks |", "|---|---|---:|---:|---|"]
         for r in alloc:
             ranks = ", ".join(str(v) for v in r["ranks"].values())
-            lines.append(f"| {r['method']} | {r['allocation']} | {_pct(r['accuracy'])} | "
+            name = r["allocation"] + (f" (chosen: {r['chosen']})" if r.get("chosen") else "")
+            lines.append(f"| {r.get('rank', '')} | {name} | {_pct(r['accuracy'])} | "
                          f"{r['params']:,} | {ranks} |")
+    return lines + [""]
+
+
+def recovery_section(results: dict) -> list[str]:
+    lr = results.get("learning_rates")
+    if not lr:
+        return []
+    s, d = results["settings"], results["data"]
+    lines = ["## Recovering accuracy at D = " + str(results["finetune"]["rank"]), "",
+             f"{d['validation_samples']:,} training samples are held out as a validation split; "
+             "the baseline and every method train on the rest. Each method's Adam learning rate is "
+             f"the one of {', '.join(map(str, s['lr_grid']))} with the best validation accuracy after "
+             f"{s['grid_epochs']} epoch(s) on {s['grid_samples']:,} training samples (a shorter, "
+             f"smaller run than the final one); the final runs take {s['ft_epochs']} epochs, and only "
+             "they are scored on the test split.", "",
+             "| method | learning rate (validation accuracy per rate) | seeds | test accuracy |",
+             "|---|---|---:|---:|"]
+    for key, label in (("finetune", "fine-tune the factors (labels)"),
+                       ("distill", "distil from the dense network (KL + labels), whitened start"),
+                       ("dynamic", "dynamic SVD training")):
+        block = results.get(key)
+        if not block:
+            continue
+        grid = ", ".join(f"{k}: {_pct(v)}" for k, v in lr["validation_accuracy"][key].items())
+        accs = [r["accuracy"] for r in block["runs"]]
+        lines.append(f"| {label} | **{block['lr']}** ({grid}) | {len(accs)} | "
+                     f"{_pct(sum(accs) / len(accs))} |")
+    eq = results.get("equal_time")
+    if eq:
+        lines += ["", "At equal wall-clock time (per seed, the time the faster method took): "
+                  f"fine-tuning {_pct(sum(eq['finetune']) / len(eq['finetune']))}, dynamic training "
+                  f"{_pct(sum(eq['dynamic']) / len(eq['dynamic']))} "
+                  f"({', '.join(f'{t:.0f} s' for t in eq['seconds'])})."]
     return lines + [""]
 
 
@@ -170,6 +210,7 @@ def markdown(results: dict) -> str:
         "![accuracy vs parameters](accuracy_vs_params.png)",
         "",
         *whitening_section(results),
+        *recovery_section(results),
         "## Claims of the study, checked on this run",
         "",
         "| claim | this run | evidence |",

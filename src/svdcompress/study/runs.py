@@ -8,9 +8,6 @@ svdcompress.json carries a ``RunInfo`` (data, source, config, history, metrics).
 from __future__ import annotations
 
 import copy
-import fcntl
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +25,8 @@ from ..core.files import RunExists, check_destination, check_output_file
 from ..core.swap import project_, unproject_
 from .data import Dataset, load_dataset
 from .models import MLP
+from ..core.checkpoint import locked, resume_point, save_trained, work_dir  # noqa: F401
+from ..core.distill import Distill
 from .train import CHECKPOINT, TrainConfig, evaluate, train
 
 
@@ -50,68 +49,15 @@ def _matching(model: nn.Module, data: Dataset) -> Dataset:
     return data
 
 
-def work_dir(out: str | Path) -> Path:
-    """Where training keeps its checkpoints until the run is complete: OUT.partial."""
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
-
-
 def _train_into(model: nn.Module, data: Dataset, cfg: TrainConfig, out: str | Path, *,
                 resume: bool, overwrite: bool, progress: bool, desc: str, source=None,
-                context: dict | None = None) -> list:
+                context: dict | None = None, **teach) -> list:
     """Train with checkpoints in OUT.partial, so the run at OUT stays whole (the old one, or
-    none) until the new one replaces it. ``resume`` continues from OUT.partial's checkpoint
-    (an interrupted run) or from the checkpoint of the finished run at OUT."""
-    out, work = Path(out), work_dir(out)
-    check_destination(out, overwrite=overwrite or resume, sources=[source])
-    if source is not None and (work.resolve() == Path(source).resolve() or
-                               work.resolve() in Path(source).resolve().parents):
-        raise RunExists(f"the source {source} is where training into {out} keeps its checkpoints "
-                        f"({work}): write to another directory")
-    start = False
-    if resume:
-        if (work / CHECKPOINT).is_file():
-            start = work / CHECKPOINT
-        elif (out / CHECKPOINT).is_file():
-            read_meta(out)  # the finished run's files match their hashes
-            start = out / CHECKPOINT
-        else:
-            raise FormatError(f"no checkpoint to resume from in {work} or {out}")
-    elif (work / CHECKPOINT).is_file() and not overwrite:
-        raise RunExists(f"{work} holds the checkpoint of an interrupted run: pass --resume to "
-                        "continue it, or --overwrite to start again")
-    work.mkdir(parents=True, exist_ok=True)
-    with _locked(work):
+    none) until the new one replaces it (see checkpoint.resume_point)."""
+    start, work = resume_point(out, resume=resume, overwrite=overwrite, source=source)
+    with locked(work):
         return train(model, data, cfg, checkpoint_dir=work, resume=start, progress=progress,
-                     desc=desc, context=context)
-
-
-@contextmanager
-def _locked(work: Path):
-    """One training at a time into OUT.partial (rank 0 holds the lock under torchrun)."""
-    if not dist.is_main():
-        yield
-        return
-    with open(work / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RunExists(f"another svdcompress is training into {work}") from None
-        yield
-
-
-def _save_trained(model: nn.Module, out: str | Path, overwrite: bool, **kwargs) -> None:
-    """The finished run, with its last checkpoint, moved into place; then OUT.partial goes.
-    An OUT that appeared during training is still refused without ``overwrite`` (the
-    checkpoint stays in OUT.partial)."""
-    if not dist.is_main():  # under torchrun, rank 0 writes
-        dist.barrier()
-        return
-    work = work_dir(out)
-    files = {CHECKPOINT: work / CHECKPOINT} if (work / CHECKPOINT).is_file() else None
-    save(model, out, overwrite=overwrite, files=files, **kwargs)
-    shutil.rmtree(work, ignore_errors=True)
-    dist.barrier()
+                     desc=desc, context=context, **teach)
 
 
 def _metrics(model: nn.Module, data: Dataset) -> dict:
@@ -133,7 +79,7 @@ def train_baseline(data: Dataset, cfg: TrainConfig, hidden=(1024,) * 5, *, out=N
                           progress=progress, desc="baseline", context=context)
     info = RunInfo(data=data_info, train=cfg.__dict__.copy(), history=history,
                    metrics=_metrics(model, data))
-    _save_trained(model.cpu(), out, overwrite or resume, info=info)
+    save_trained(model.cpu(), out, overwrite or resume, info=info)
     return model, history
 
 
@@ -148,10 +94,12 @@ def train_run(data: str, cfg: TrainConfig, out: str | Path, hidden=(1024,) * 5, 
 
 def continue_training(source: str | Path, cfg: TrainConfig, out: str | Path, *, data=None,
                       project_rank: int | None = None, projection: str = "subspace",
-                      resume=False, overwrite=False, progress=True) -> list:
+                      resume=False, overwrite=False, progress=True, distill: Distill | None = None,
+                      teacher: str | Path | None = None) -> list:
     """Train a saved run further into ``out``: fine-tuning (a compressed run keeps its
     factors and its config), or with ``project_rank`` dynamic SVD training (the run then
-    holds the final rank-D factors, its checkpoint the full W)."""
+    holds the final rank-D factors, its checkpoint the full W). With ``distill`` the run
+    learns from ``teacher`` (default: the run it was compressed from)."""
     check_destination(out, overwrite=overwrite or resume, sources=[source])
     meta = read_meta(source)
     model = load(source)
@@ -164,17 +112,50 @@ def continue_training(source: str | Path, cfg: TrainConfig, out: str | Path, *, 
     desc = "dynamic" if project_rank else ("finetune" if meta["layers"] else "train")
     context = {"data": [dataset.name, None if data else (read_info(source).data or DataInfo("")).limit_train],
                "source": str(Path(source).resolve()), "projection": [project_rank, projection]}
+    teacher_model = None
+    if distill is not None:
+        teacher = teacher_of(source, teacher)
+        teacher_model = load(teacher)
+        _matching(teacher_model, dataset)
+        context["distill"] = [str(teacher), distill.to_dict()]
+        desc = "distill"
     history = _train_into(model, dataset, cfg, out, resume=resume, overwrite=overwrite,
-                          progress=progress, desc=desc, source=source, context=context)
+                          progress=progress, desc=desc, source=source, context=context,
+                          teacher=teacher_model, distill=distill)
     model.cpu()
     if project_rank is not None:
         unproject_(model)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),
                    source=str(Path(source).resolve()),
                    train=cfg.__dict__.copy(), history=history, metrics=_metrics(model, dataset),
-                   projection={"rank": project_rank, "method": projection} if project_rank else None)
-    _save_trained(model, out, overwrite or resume, config=config, info=info)
+                   projection={"rank": project_rank, "method": projection} if project_rank else None,
+                   distill=None if distill is None else {"teacher": str(teacher), **distill.to_dict()})
+    save_trained(model, out, overwrite or resume, config=config, info=info)
     return history
+
+
+def teacher_of(source: str | Path, teacher: str | Path | None = None) -> Path:
+    """The model to distil from: ``teacher``, or the dense run ``source`` was compressed from
+    (followed back through fine-tuned and compressed runs)."""
+    run = Path(source)
+    for _ in range(32):
+        if teacher is not None:
+            break
+        info = read_info(run)
+        if info.distill and info.distill.get("teacher"):
+            teacher = info.distill["teacher"]
+        elif not info.source:
+            raise ConfigError(f"{source} records no run it was compressed from: name the "
+                              "teacher (--teacher DIR)")
+        elif (Path(info.source) / "svdcompress.json").is_file() and \
+                read_meta(info.source).get("layers") and Path(info.source).resolve() != run.resolve():
+            run = Path(info.source)  # itself compressed: go on to the run it came from
+        else:
+            teacher = info.source
+    teacher = Path(teacher)
+    if not teacher.exists():
+        raise ConfigError(f"the teacher {teacher} does not exist: name another with --teacher DIR")
+    return teacher.resolve()
 
 
 def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int = 0) -> list:

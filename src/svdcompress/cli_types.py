@@ -1,0 +1,60 @@
+"""The command line's argument types, and a parser whose usage errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+
+from .core.errors import SVDCompressError
+
+
+class UsageError(SVDCompressError):
+    """A command line that does not make sense (argparse's errors included)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _number(text: str, ok, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")  # fails every check below
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    return _number(text, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, lambda v: v > 0, "a positive number")
+
+
+def rank_list(text: str) -> list:
+    """"10,20,full" -> [10, 20, None]"""
+    ranks = []
+    for part in text.split(","):
+        part = part.strip()
+        ranks.append(None if part == "full" else positive_int(part))
+    return ranks
+
+
+def suffixes_or_regex(text: str):
+    """A comma-separated list of name suffixes, or a regex when it has regex characters."""
+    return text if any(c in text for c in "\\^$*+?()[]{}|") else [s for s in text.split(",") if s]
