@@ -26,7 +26,7 @@ import torch
 import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.study.data import FASHION_DIR, load_dataset
-from svdcompress.study.experiments import ALLOC_RANKS, allocations
+from svdcompress.study.experiments import allocations
 from svdcompress.study.runs import calibration_batches, train_baseline
 from svdcompress.study.train import TrainConfig, evaluate
 
@@ -67,7 +67,8 @@ def run(name: str, base_dir: str | None) -> dict:
             print(f"{name} {n:>2} batches {label[:24]:>24}: " +
                   "  ".join(f"D={d} {100 * a:.2f}" for d, a in accs.items()), flush=True)
     t0 = time.perf_counter()
-    rows = allocations(base, data, ALLOC_RANKS, calibration_batches(data, 16))
+    rows = allocations(base, data, (10, 20, 50), calibration_batches(data, 16),
+                       objectives=("global", "truncation-loss", "loss-aware"))
     out["allocation_16_batches"] = [{k: r[k] for k in ("rank", "allocation", "accuracy", "params", "ranks", "chosen")}
                                     for r in rows]
     out["allocation_seconds"] = time.perf_counter() - t0

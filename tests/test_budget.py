@@ -166,7 +166,7 @@ def test_loss_aware_allocation_measures_sensitivity_and_beats_uniform():
     assert rep.allocation["sensitivity"]["b"] > 100 * rep.allocation["sensitivity"]["a"]
     ranks = {r.name: r.rank for r in rep.considered()}
     assert ranks["b"] > ranks["a"]
-    assert errs["loss-aware"] < 0.7 * min(errs["uniform"], errs["global"], errs["truncation-loss"])
+    assert errs["loss-aware"] < 0.8 * min(errs["uniform"], errs["global"], errs["truncation-loss"])
     assert "allocation" in rep.to_dict() and "[whiten" in str(rep) or "[compensated" in str(rep) or "[plain" in str(rep)
 
 

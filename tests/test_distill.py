@@ -93,7 +93,7 @@ def test_cli_finetune_distill_from_the_source_run_and_resume(tmp_path, capsys):
                          "--lr", "3e-3", "--quiet", "--batch-size", "32", "--device", "cpu")
     assert code == 0, err
     meta = json.loads((ft / "svdcompress.json").read_text())
-    assert meta["distill"]["teacher"] == str(base.resolve()) and meta["distill"]["temperature"] == 4.0
+    assert meta["distill"]["teacher"] == str(base.resolve()) and meta["distill"]["temperature"] == 2.0
     assert len(meta["history"]) == 2 and meta["config"]["rank"] == 2
     # more epochs from its checkpoint: the teacher and settings must be the same
     code, out, err = cli(capsys, "finetune", d2, "--out", ft, "--distill", "--epochs", 3, "--resume",

@@ -70,7 +70,7 @@ def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
         assert f"| {c['claim']} | {shown} |" in report
     assert [r["method"] for r in results["sweep_whiten"]] == ["whiten"] * 4
     assert {(r["rank"], r["allocation"]) for r in results["allocation"]} == {
-        (4, "uniform"), (4, "global"), (4, "truncation-loss"), (4, "loss-aware")}
+        (4, "uniform"), (4, "truncation-loss"), (4, "loss-aware")}
     assert "Whitened (data-aware) truncation" in report and "| 4 | loss-aware (chosen:" in report
     # each method's learning rate was chosen on the validation split, never on the test split
     lr = results["learning_rates"]

@@ -271,8 +271,8 @@ def build_parser() -> Parser:
                    "compressed from: KL on the logits mixed with the labels; an encoder: its "
                    "embeddings, no labels")
     s.add_argument("--teacher", help="with --distill: the teacher run or model (default: the source)")
-    s.add_argument("--temperature", type=positive_float, default=4.0, help="KL temperature (default 4)")
-    s.add_argument("--alpha", type=float, default=0.9, help="share of the distillation loss (default 0.9)")
+    s.add_argument("--temperature", type=positive_float, default=2.0, help="KL temperature (default 2)")
+    s.add_argument("--alpha", type=float, default=0.5, help="share of the distillation loss (default 0.5)")
     s.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
     s.add_argument("--calib", help="encoder: a text file to distil on, one sentence a line")
     s.add_argument("--calib-sentences", type=positive_int, default=512,

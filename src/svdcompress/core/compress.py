@@ -95,9 +95,11 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
                       stats: dict, calibration: list, device) -> tuple[dict, dict]:
     """Ranks under the budget minimising the summed truncation loss ("truncation-loss") or
     the summed sensitivity-weighted loss ("loss-aware"); and what was measured, for the
-    report. Loss-aware ranks are checked: a copy of the model is compressed with them and
-    another with uniform ranks, exactly as compress_ will, and the ranks whose network
-    output on the calibration batches is nearer the original's are kept."""
+    report. Loss-aware ranks are checked: copies of the model are compressed with them, with
+    uniform ranks (the same share of every layer) and with the same rank in every layer,
+    exactly as compress_ will but on three quarters of the calibration batches, and the
+    ranks whose network output on the last quarter (batches no copy was fitted to) is
+    nearest the original's are kept."""
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
     tails = {n: tail_losses(_triplet_losses(decs[n], stats[n])) for n in shapes}
@@ -105,7 +107,10 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
         return allocate({n: (tails[n], shapes[n]) for n in shapes}, budget), {"objective": config.allocation}
     uniform = {n: choose_rank(None, config.spec, shapes[n]) for n in shapes}
     trunc = {n: (lambda r, n=n, m=m, k=k: _factorize(k, m, decs[n], r)) for n, m, k, _ in eligible}
-    distance = OutputDistance(model, calibration, _run_batch)
+    # distances on the last quarter of the batches; the trial compressions fit on the rest
+    held = max(1, len(calibration) // 4) if len(calibration) > 1 else 0
+    fit_batches = calibration[:len(calibration) - held]
+    distance = OutputDistance(model, calibration[len(calibration) - held:] if held else calibration, _run_batch)
     slopes, trials = {}, {}
     for name in shapes:
         ranks = sorted({max(1, uniform[name] // 2), uniform[name]})
@@ -117,16 +122,21 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     floor = 1e-3 * typical  # a layer whose truncation did not move the output still costs
     weights = {n: max(floor, typical if v is None else v) for n, v in slopes.items()}
     ranks = allocate({n: (weights[n] * tails[n], shapes[n]) for n in shapes}, budget)
+    rank = budget // sum(m + n for m, n in shapes.values())  # one rank D everywhere
+    same = {n: min(rank, *shapes[n]) for n in shapes} if rank >= 1 else uniform
+    candidates = {"loss-aware": ranks, "uniform": uniform}
+    if same != uniform:
+        candidates["same rank"] = same
     measured = {}
-    for label, choice in (("loss-aware", ranks), ("uniform", uniform)):
+    for label, choice in candidates.items():
         trial = copy.deepcopy(model)
         with warnings.catch_warnings():  # the real compression warns, once
             warnings.simplefilter("ignore")
-            _compress(trial, replace(config, allocation="uniform"), calibration, device=device, fixed=choice)
+            _compress(trial, replace(config, allocation="uniform"), fit_batches, device=device, fixed=choice)
         measured[label] = distance(trial)
         del trial
-    chosen = "loss-aware" if measured["loss-aware"] <= measured["uniform"] else "uniform"
-    return (ranks if chosen == "loss-aware" else uniform), {
+    chosen = min(measured, key=measured.get)
+    return candidates[chosen], {
         "objective": config.allocation, "chosen": chosen, "output_distance": measured,
         "sensitivity": weights, "trials": trials}
 

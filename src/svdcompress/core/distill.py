@@ -23,8 +23,8 @@ class Distill:
     distillation term in [0, 1] (1 - alpha goes to the label loss); embedding_loss: "cosine"
     or "mse" for encoders."""
 
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = 2.0
+    alpha: float = 0.5
     embedding_loss: str = "cosine"
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import dist
@@ -36,12 +37,16 @@ def first_tensor(out) -> torch.Tensor:
 
 
 class OutputDistance:
-    """The relative squared distance of a model's outputs from the original model's,
-    sum ||f(x) - f0(x)||^2 / sum ||f0(x)||^2 over a few calibration batches (under torchrun,
-    over every process's share)."""
+    """How far a model's outputs are from the original model's over a few calibration
+    batches (under torchrun, over every process's share): for a model that returns logits
+    (it says so with ``output_is_logits = True``, as the study's MLP and causal LMs do) the
+    mean KL divergence KL(softmax(f0(x)) || softmax(f(x))) per row, which weighs the samples
+    near a decision as much as confident ones; else the relative squared distance
+    sum ||f(x) - f0(x)||^2 / sum ||f0(x)||^2 (embeddings, regression outputs)."""
 
     def __init__(self, model: nn.Module, batches: list, forward: Callable) -> None:
         self.model, self.forward = model, forward
+        self.logits = bool(getattr(model, "output_is_logits", False))
         self.batches, self.reference = [], []
         size = 0
         with torch.no_grad(), _eval(model):
@@ -61,8 +66,14 @@ class OutputDistance:
         with _eval(model):
             for batch, ref in zip(self.batches, self.reference):
                 out = first_tensor(self.forward(model, batch)).float()
-                sums[0] += float((out - ref).double().square().sum())
-                sums[1] += float(ref.double().square().sum())
+                if self.logits:
+                    kl = F.kl_div(F.log_softmax(out.double(), -1), F.log_softmax(ref.double(), -1),
+                                  reduction="sum", log_target=True)
+                    sums[0] += float(kl)
+                    sums[1] += ref[..., 0].numel()  # rows
+                else:
+                    sums[0] += float((out - ref).double().square().sum())
+                    sums[1] += float(ref.double().square().sum())
         dist.sum_(sums)
         return float(sums[0] / sums[1]) if sums[1] > 0 else 0.0
 

@@ -24,6 +24,8 @@ from .hf import transformers_lib, copy_config, file_size, read_texts
 class CausalLM(nn.Module):
     """A Hugging Face causal LM: token ids -> next-token logits (no cache)."""
 
+    output_is_logits = True
+
     def __init__(self, model: nn.Module, max_length: int = 1024) -> None:
         super().__init__()
         self.model, self.max_length = model, max_length

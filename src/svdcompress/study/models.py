@@ -17,6 +17,8 @@ class MLP(nn.Module):
     The reference network of the study is MLP(784, [1024] * 5, 10).
     """
 
+    output_is_logits = True  # its outputs are class logits (compared by KL when allocating ranks)
+
     def __init__(self, in_features: int = 784, hidden: list[int] | tuple[int, ...] = (1024,) * 5,
                  num_classes: int = 10) -> None:
         super().__init__()
