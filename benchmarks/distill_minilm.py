@@ -7,7 +7,7 @@ on generated calibration sentences (cosine loss on the embeddings, no labels) wi
 with the uncompressed model on the 3,000 evaluation sentences (disjoint from the training
 ones) after every epoch, with the CPU time spent.
 
-    python benchmarks/distill_minilm.py [--sentences 4000] [--epochs 4] [--lr 1e-4] [--out FILE]
+    python benchmarks/distill_minilm.py [--sentences 4000] [--epochs 6] [--lr 1e-4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--sentences", type=int, default=4000, help="generated training sentences")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--allocation", default="uniform")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_minilm.json"))

@@ -30,6 +30,12 @@ def summarize(results: dict) -> dict:
                   for r in results["sweep"]],
         "finetune_accuracy_per_seed": accs("finetune"),
         "dynamic_accuracy_per_seed": accs("dynamic"),
+        "distill_accuracy_per_seed": accs("distill"),
+        "learning_rates": results.get("learning_rates"),
+        "equal_time": results.get("equal_time"),
+        "sweep_whiten": [{k: r[k] for k in ("rank", "accuracy")} for r in results.get("sweep_whiten") or []],
+        "allocation": [{k: r.get(k) for k in ("rank", "allocation", "accuracy", "params", "ranks", "chosen")}
+                       for r in results.get("allocation") or []],
         "seeds": results.get("seeds"),
         "claims": results["claims"],
         "timings_seconds": results["timings"],

@@ -35,6 +35,7 @@ CALIB = (4, 16, 64)
 VARIANTS = {"plain": dict(method="plain"),
             "whiten (default: fit chosen on held-out rows)": dict(method="whiten"),
             "whiten, compensated on all rows (previous default)": dict(method="whiten", select_fit=False)}
+QUICK_VARIANTS = ("plain", "whiten (default: fit chosen on held-out rows)")
 
 
 def accuracy_at(base, data, rank, kw, calib) -> tuple[float, list]:
@@ -43,7 +44,7 @@ def accuracy_at(base, data, rank, kw, calib) -> tuple[float, list]:
     return evaluate(model, data.x_test, data.y_test)["accuracy"], [r.fit for r in report.compressed]
 
 
-def run(name: str, base_dir: str | None) -> dict:
+def run(name: str, base_dir: str | None, variants: dict, alloc_ranks) -> dict:
     data = load_dataset(name)
     base = sc.load(base_dir) if base_dir else \
         train_baseline(data, TrainConfig(epochs=20, device="cpu"), progress=False)[0]
@@ -54,7 +55,7 @@ def run(name: str, base_dir: str | None) -> dict:
         calib = calibration_batches(data, n)
         t0 = time.perf_counter()
         table, fits = {}, {}
-        for label, kw in VARIANTS.items():
+        for label, kw in variants.items():
             table[label], fits[label] = {}, {}
             for d in RANKS:
                 table[label][str(d)], fits[label][str(d)] = accuracy_at(base, data, d, kw, calib)
@@ -67,7 +68,7 @@ def run(name: str, base_dir: str | None) -> dict:
             print(f"{name} {n:>2} batches {label[:24]:>24}: " +
                   "  ".join(f"D={d} {100 * a:.2f}" for d, a in accs.items()), flush=True)
     t0 = time.perf_counter()
-    rows = allocations(base, data, (10, 20, 50), calibration_batches(data, 16),
+    rows = allocations(base, data, alloc_ranks, calibration_batches(data, 16),
                        objectives=("global", "truncation-loss", "loss-aware"))
     out["allocation_16_batches"] = [{k: r[k] for k in ("rank", "allocation", "accuracy", "params", "ranks", "chosen")}
                                     for r in rows]
@@ -83,7 +84,12 @@ def main() -> None:
     p.add_argument("--fashion-base", help="a saved Fashion-MNIST base run (default: train one)")
     p.add_argument("--mnist-base", help="a saved mnist-5k base run (default: train one)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "whitening.json"))
+    p.add_argument("--quick", action="store_true", help="without the previous default's column")
+    p.add_argument("--alloc-ranks", default="10,20,50", help="D of the allocation comparison")
+    p.add_argument("--fashion-alloc-ranks", help="for Fashion-MNIST only (default: --alloc-ranks)")
     args = p.parse_args()
+    variants = {k: v for k, v in VARIANTS.items() if not args.quick or k in QUICK_VARIANTS}
+    ranks = lambda text: [int(r) for r in text.split(",") if r]  # noqa: E731
     warnings.filterwarnings("ignore", message=".*rows per input feature")  # 4 and 16 batches are few
     result = {"benchmark": "whitening", "device": "cpu", "threads": torch.get_num_threads(),
               "calib_batches": list(CALIB), "ranks": list(RANKS), "datasets": {}}
@@ -91,7 +97,8 @@ def main() -> None:
     if FASHION_DIR.is_dir():
         sets.insert(0, ("fashion-mnist", args.fashion_base))
     for name, base in sets:
-        result["datasets"][name] = run(name, base)
+        alloc = args.fashion_alloc_ranks if name == "fashion-mnist" and args.fashion_alloc_ranks else args.alloc_ranks
+        result["datasets"][name] = run(name, base, variants, ranks(alloc))
     out = Path(args.out)
     write_json(out, result)
     print(f"wrote {out}")
