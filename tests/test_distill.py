@@ -38,6 +38,16 @@ def test_logit_loss_is_temperature_scaled_kl_mixed_with_labels():
             Distill(**bad)
 
 
+@pytest.mark.parametrize("kw,field", [(dict(seed=2 ** 32), "seed"), (dict(seed=True), "seed"),
+                                      (dict(epochs=-1), "epochs"), (dict(lr=0), "lr"),
+                                      (dict(lr=True), "lr"), (dict(batch_size=0), "batch_size")])
+def test_training_settings_of_the_study_and_of_encoder_distillation_are_checked_alike(kw, field):
+    from svdcompress.integrations.distill import EncoderTrainConfig
+    for cls in (TrainConfig, EncoderTrainConfig):
+        with pytest.raises(sc.ConfigError, match=field):
+            cls(**kw)
+
+
 def test_distillation_lowers_the_distance_to_the_teacher():
     torch.manual_seed(0)
     teacher = MLP(16, [32, 32], 5)

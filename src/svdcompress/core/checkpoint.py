@@ -32,6 +32,19 @@ from .io import load_state, read_meta, save, unique_tensors
 CHECKPOINT = "checkpoint.safetensors"
 
 
+def check_schedule(cfg) -> None:
+    """Validate the fields every training settings dataclass shares (epochs, lr,
+    batch_size, seed), each with one clear message."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed must be an integer in [0, 2^32), got {cfg.seed!r}")
+    if isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int) or cfg.epochs < 0:
+        raise ConfigError(f"epochs must be an integer >= 0, got {cfg.epochs!r}")
+    if isinstance(cfg.lr, bool) or not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {cfg.lr!r}")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+
+
 def make_optimizer(params, lr: float) -> torch.optim.Adam:
     """Adam; the fused kernel where it exists (CPU and CUDA floats): ~30% faster steps on CPU."""
     params = list(params)

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checkpoint import (check_finite, load_checkpoint, locked, make_optimizer, resume_point,
-                               save_checkpoint, save_trained)
+from ..core.checkpoint import (check_finite, check_schedule, load_checkpoint, locked,
+                               make_optimizer, resume_point, save_checkpoint, save_trained)
 from ..core.distill import Distill, embedding_loss
 from ..core.errors import ConfigError
 from ..core.io import load, read_config, read_info, read_meta
@@ -38,12 +38,7 @@ class EncoderTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 0), ("batch_size", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        check_schedule(self)
 
 
 @torch.no_grad()

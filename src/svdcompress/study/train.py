@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..core import dist
 from ..core.checkpoint import (CHECKPOINT, TrainingDiverged, _sealed, check_finite,  # noqa: F401
-                               load_checkpoint, make_optimizer, read_checkpoint, save_checkpoint)
+                               check_schedule, load_checkpoint, make_optimizer,
+                               read_checkpoint, save_checkpoint)
 from ..core.distill import Distill, logit_loss
 from ..core.errors import ConfigError
 from .data import Dataset
@@ -33,14 +34,7 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-            raise ConfigError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ConfigError(f"epochs must be an integer >= 0, got {self.epochs!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        check_schedule(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
