@@ -170,8 +170,9 @@ def test_loss_aware_allocation_measures_sensitivity_and_beats_uniform():
     assert "allocation" in rep.to_dict() and "[whiten" in str(rep) or "[compensated" in str(rep) or "[plain" in str(rep)
 
 
-def test_loss_aware_allocation_keeps_uniform_when_it_measures_better(monkeypatch):
-    """The allocation is checked against uniform ranks on the network's output."""
+def test_loss_aware_allocation_keeps_another_choice_when_it_measures_better(monkeypatch):
+    """The allocation is checked against the truncation-loss, global, uniform and same-rank
+    choices on the network's output, and the nearest is kept."""
     from svdcompress.core import compress as compress_module
     net = Amplified()
     calib = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
@@ -180,9 +181,16 @@ def test_loss_aware_allocation_keeps_uniform_when_it_measures_better(monkeypatch
                         lambda distance, name, trunc, trials: (1e6 if name == "a" else 1.0, []))
     model = copy.deepcopy(net)
     report = sc.compress_(model, sc.SVDConfig(ratio=0.3, allocation="loss-aware", method="whiten"), calib)
-    assert report.allocation["chosen"] == "uniform"
-    uniform = sc.compress_(copy.deepcopy(net), sc.SVDConfig(ratio=0.3, method="whiten"), calib)
-    assert [r.rank for r in report.considered()] == [r.rank for r in uniform.considered()]
+    measured = report.allocation["output_distance"]
+    assert set(measured) >= {"loss-aware", "truncation-loss", "uniform"}
+    chosen = report.allocation["chosen"]
+    assert chosen != "loss-aware" and measured[chosen] == min(measured.values())
+    assert measured[chosen] < measured["loss-aware"]
+    # the ranks kept are the chosen allocation's own
+    alloc = "uniform" if chosen in ("uniform", "same rank") else chosen
+    other = sc.compress_(copy.deepcopy(net), sc.SVDConfig(ratio=0.3, method="whiten", allocation=alloc), calib)
+    if chosen != "same rank":
+        assert [r.rank for r in report.considered()] == [r.rank for r in other.considered()]
 
 
 def test_plain_method_with_a_data_aware_allocation_needs_and_uses_calibration():

@@ -96,15 +96,17 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     """Ranks under the budget minimising the summed truncation loss ("truncation-loss") or
     the summed sensitivity-weighted loss ("loss-aware"); and what was measured, for the
     report. Loss-aware ranks are checked: copies of the model are compressed with them, with
-    uniform ranks (the same share of every layer) and with the same rank in every layer,
-    exactly as compress_ will but on three quarters of the calibration batches, and the
-    ranks whose network output on the last quarter (batches no copy was fitted to) is
-    nearest the original's are kept."""
+    the truncation-loss and the global (relative-error) allocations, with uniform ranks (the
+    same share of every layer) and with the same rank in every layer, exactly as compress_
+    will but on three quarters of the calibration batches, and the ranks whose network
+    output on the last quarter (batches no copy was fitted to) is nearest the original's are
+    kept: loss-aware is never measurably further from the original than the others."""
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
     tails = {n: tail_losses(_triplet_losses(decs[n], stats[n])) for n in shapes}
+    by_loss = allocate({n: (tails[n], shapes[n]) for n in shapes}, budget)
     if config.allocation == "truncation-loss":
-        return allocate({n: (tails[n], shapes[n]) for n in shapes}, budget), {"objective": config.allocation}
+        return by_loss, {"objective": config.allocation}
     uniform = {n: choose_rank(None, config.spec, shapes[n]) for n in shapes}
     trunc = {n: (lambda r, n=n, m=m, k=k: _factorize(k, m, decs[n], r)) for n, m, k, _ in eligible}
     # distances on the last quarter of the batches; the trial compressions fit on the rest
@@ -124,9 +126,13 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     ranks = allocate({n: (weights[n] * tails[n], shapes[n]) for n in shapes}, budget)
     rank = budget // sum(m + n for m, n in shapes.values())  # one rank D everywhere
     same = {n: min(rank, *shapes[n]) for n in shapes} if rank >= 1 else uniform
-    candidates = {"loss-aware": ranks, "uniform": uniform}
-    if same != uniform:
-        candidates["same rank"] = same
+    candidates = {}  # the first of equal rank choices keeps its name
+    for label, choice in (("loss-aware", ranks),
+                          ("truncation-loss", by_loss),
+                          ("global", allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)),
+                          ("uniform", uniform), ("same rank", same)):
+        if choice not in candidates.values():
+            candidates[label] = choice
     measured = {}
     for label, choice in candidates.items():
         trial = copy.deepcopy(model)
