@@ -18,6 +18,7 @@ import warnings
 
 from . import __version__
 from .core import dist
+from .core.checkpoint import SCHEDULES
 from .core.config import ALLOCATIONS, SVDConfig
 from .core.distill import Distill
 from .core.errors import ConfigError, SVDCompressError
@@ -50,7 +51,7 @@ def cmd_info(args) -> None:
 
 def train_config(args) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                       device=args.device)
+                       device=args.device, schedule=args.schedule)
 
 
 def cmd_train(args) -> None:
@@ -77,7 +78,7 @@ def cmd_finetune(args) -> None:
         if distill is None:
             raise ConfigError("a sentence encoder is fine-tuned by distillation: add --distill")
         history = distill_encoder_run(
-            args.run, args.out, EncoderTrainConfig(args.epochs, args.lr, args.batch_size, args.seed),
+            args.run, args.out, EncoderTrainConfig(args.epochs, args.lr, args.batch_size, args.seed, args.schedule),
             distill, teacher=args.teacher, texts=args.calib, sentences=args.calib_sentences,
             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         print(f"saved {args.out}: held-out cosine to the teacher "
@@ -173,6 +174,8 @@ def cmd_reproduce(args) -> None:
 def add_train_args(s, epochs: int, lr: float) -> None:
     s.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
     s.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr})")
+    s.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="learning rate: constant, or cosine (annealed to 0 over the epochs)")
     s.add_argument("--batch-size", type=positive_int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")

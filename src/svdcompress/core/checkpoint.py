@@ -4,8 +4,8 @@ A checkpoint is one safetensors file (model and optimiser tensors) whose metadat
 rest as JSON (epoch, history, optimiser settings, and the context it was made in: data,
 source run, teacher): one atomic write, no pickle, sealed by a digest over all of it, and
 resuming from it ends with the same weights as an uninterrupted run. ``cfg`` is any
-dataclass with ``lr``, ``batch_size``, ``seed`` and ``epochs`` (the study's TrainConfig, the
-encoder distillation's settings).
+dataclass with ``lr``, ``batch_size``, ``seed``, ``epochs`` and ``schedule`` (the study's
+TrainConfig, the encoder distillation's settings).
 """
 
 from __future__ import annotations
@@ -43,6 +43,24 @@ def check_schedule(cfg) -> None:
         raise ConfigError(f"lr must be a positive number, got {cfg.lr!r}")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {cfg.batch_size!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg, epoch: int, step: int, steps: int) -> float:
+    """Set the learning rate of step ``step`` of ``steps`` in epoch ``epoch`` (from 0):
+    ``cfg.lr`` throughout ("constant"), or annealed from ``cfg.lr`` to 0 by a half cosine
+    over all ``cfg.epochs`` ("cosine"). A function of the position alone, so a resumed run
+    takes exactly the steps of an uninterrupted one."""
+    lr = cfg.lr
+    if cfg.schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / max(1, cfg.epochs * steps)))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Adam:
@@ -128,13 +146,17 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     must come from the same settings and ``context`` (data, source run, projection)."""
     info, tensors = read_checkpoint(path)
     saved = info["train_config"]
-    for key in ("lr", "batch_size", "seed"):
-        if saved.get(key) != getattr(cfg, key):
+    for key in ("lr", "batch_size", "seed", "schedule"):
+        if saved.get(key, "constant" if key == "schedule" else None) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={saved.get(key)}, "
                               f"not {getattr(cfg, key)}: resume with the same settings")
     if json.loads(json.dumps(context)) != info.get("context"):
         raise ConfigError(f"checkpoint {path} was made from other data, source or projection "
                           f"({info.get('context')}, not {context}): resume with the same settings")
+    if cfg.schedule != "constant" and saved.get("epochs") != cfg.epochs:
+        raise ConfigError(f"checkpoint {path} was made with epochs={saved.get('epochs')}, not "
+                          f"{cfg.epochs}: a {cfg.schedule} schedule depends on the number of "
+                          "epochs, so resume with the same --epochs")
     if info["epoch"] > cfg.epochs:
         raise ConfigError(f"checkpoint {path} has {info['epoch']} epochs done, more than "
                           f"--epochs {cfg.epochs}")

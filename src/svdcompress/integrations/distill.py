@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checkpoint import (check_finite, check_schedule, load_checkpoint, locked,
-                               make_optimizer, resume_point, save_checkpoint, save_trained)
+                               make_optimizer, resume_point, save_checkpoint, save_trained,
+                               set_lr)
 from ..core.distill import Distill, embedding_loss
 from ..core.errors import ConfigError
 from ..core.io import load, read_config, read_info, read_meta
@@ -36,6 +37,7 @@ class EncoderTrainConfig:
     lr: float = 1e-4
     batch_size: int = 32
     seed: int = 0
+    schedule: str = "constant"  # or "cosine" (core.checkpoint.set_lr)
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -71,7 +73,8 @@ def distill_encoder(student: SentenceEncoder, teacher: SentenceEncoder, texts: l
         total = 0.0
         bar = tqdm(range(0, n, cfg.batch_size), desc=f"distill {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, mininterval=0.5)
-        for i in bar:
+        for step, i in enumerate(bar):
+            set_lr(opt, cfg, epoch, step, len(bar))
             idx = perm[i:i + cfg.batch_size]
             emb = student(**student.tokenize([train_texts[j] for j in idx]))
             loss = embedding_loss(emb, targets[idx], distill)

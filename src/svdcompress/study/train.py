@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..core import dist
 from ..core.checkpoint import (CHECKPOINT, TrainingDiverged, _sealed, check_finite,  # noqa: F401
-                               check_schedule, load_checkpoint, make_optimizer,
+                               check_schedule, load_checkpoint, make_optimizer, set_lr,
                                read_checkpoint, save_checkpoint)
 from ..core.distill import Distill, logit_loss
 from ..core.errors import ConfigError
@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
+    schedule: str = "constant"  # or "cosine": annealed to 0 over the epochs (core.checkpoint.set_lr)
 
     def __post_init__(self) -> None:
         check_schedule(self)
@@ -62,13 +63,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"loss": loss / len(x), "accuracy": correct / len(x)}
 
 
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """The predicted class of every row of ``x``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
 # ---------------------------------------------------------------- the loop
 
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
           checkpoint_dir: str | Path | None = None, resume: bool | str | Path = False,
           progress: bool = True, desc: str = "train", context: dict | None = None,
           teacher: nn.Module | None = None, distill: Distill | None = None) -> list[dict]:
-    """Train ``model`` with Adam on ``data``; one history row per epoch.
+    """Train ``model`` with Adam on ``data`` (learning rate by ``cfg.schedule``); one
+    history row per epoch.
 
     With a ``teacher`` (the dense network a compressed one came from) the loss is the
     distillation loss (``distill``: KL on the logits at a temperature, mixed with the
@@ -114,7 +126,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, *,
         correct = torch.zeros((), device=device, dtype=torch.long)
         bar = tqdm(range(0, n, cfg.batch_size), desc=f"{desc} {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, mininterval=0.5)
+        steps = len(bar)
         for step, i in enumerate(bar):
+            set_lr(opt, cfg, epoch, step, steps)
             batch = perm[i:i + cfg.batch_size]
             idx = batch[rank::world] if world > 1 else batch
             xb, yb = data.x_train[idx], data.y_train[idx]
