@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from svdcompress.cli import main
 from tests.test_data import make_mnist_dir
@@ -82,6 +83,26 @@ def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
     assert len(results["finetune"]["runs"]) == len(results["dynamic"]["runs"]) == 3
     assert "## Recovering accuracy" in report and "Distillation from the dense network" in report
     assert (out_dir / "runs" / "base" / "svdcompress.json").is_file()
+    # the whitened-vs-plain claim shows the paired difference on the same test samples
+    assert results["settings"]["schedule"] == "cosine" and results["distill"]["start"] == "plain"
+    pairs = results["sweep_paired"]
+    assert set(pairs) == {"2", "4", "8", "full"} and pairs["full"]["difference"] == 0
+    for r_p, r_w in zip(results["sweep"][:3], results["sweep_whiten"][:3]):
+        p = pairs[str(r_p["rank"])]
+        assert p["difference"] == pytest.approx(r_w["accuracy"] - r_p["accuracy"])
+    claim = next(c for c in results["claims"] if c["claim"].startswith("Whitened (data-aware)"))
+    assert "points, 1 s.e.)" in claim["evidence"]
+
+
+def test_paired_difference_and_its_standard_error():
+    from svdcompress.study.experiments import paired
+    a = torch.tensor([True] * 60 + [False] * 40)
+    b = torch.tensor([True] * 50 + [False] * 10 + [True] * 5 + [False] * 35)
+    p = paired({10: a}, {10: b})["10"]
+    assert (p["only_first"], p["only_second"]) == (10, 5)
+    assert p["difference"] == pytest.approx(0.05)
+    d = (a.double() - b.double())
+    assert p["se"] == pytest.approx(float(d.std() / 100 ** 0.5))
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -27,7 +27,7 @@ from .integrations.bench import bench_run
 from .integrations.distill import EncoderTrainConfig, distill_encoder_run
 from .integrations.export import export_run
 from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
-from .study.experiments import STUDY_RANKS, reproduce
+from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
 from .cli_types import (Parser, UsageError, fraction, positive_float, positive_int,  # noqa: F401
@@ -324,7 +324,8 @@ def build_parser() -> Parser:
     s.add_argument("--data", default="fashion-mnist")
     s.add_argument("--out", default="report")
     s.add_argument("--quick", action="store_true", help="a first look in a few minutes (subset, fewer epochs)")
-    s.add_argument("--epochs", type=positive_int, default=20, help="baseline epochs (default 20)")
+    s.add_argument("--epochs", type=positive_int, default=BASE_EPOCHS,
+                   help=f"baseline epochs (default {BASE_EPOCHS})")
     s.add_argument("--ft-rank", type=positive_int, default=20, help="rank fine-tuned (default 20)")
     s.add_argument("--ft-epochs", type=positive_int, default=5, help="fine-tuning epochs (default 5)")
     s.add_argument("--ranks", type=rank_list, default=list(STUDY_RANKS),

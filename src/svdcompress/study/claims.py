@@ -45,7 +45,7 @@ def claims(results: dict) -> list[dict]:
         out.append({"claim": f"Distillation from the dense network brings D={dis['rank']} within 0.3 "
                              f"points of the baseline in {dis['epochs']} epochs",
                     "verdict": _verdict(acc >= base - 0.003),
-                    "evidence": f"distilled {_pct(acc)} (from whitened factors at "
+                    "evidence": f"distilled {_pct(acc)} (from {dis.get('start', 'whitened')} factors at "
                                 f"{_pct(dis['runs'][0]['start_accuracy'])}; lr {dis['lr']}, T "
                                 f"{dis['temperature']}, alpha {dis['alpha']}) vs baseline {_pct(base)}; "
                                 f"fine-tuned on labels {_pct(mean_accuracy(ft['runs']))}"})
@@ -94,9 +94,20 @@ def whitening_claims(results: dict) -> list[dict]:
     white = {r["rank"]: r["accuracy"] for r in results.get("sweep_whiten") or [] if r["rank"] != "full"}
     if white:
         worse = [d for d in plain if white.get(d, 1.0) < plain[d]]
+        pairs = results.get("sweep_paired") or {}
+
+        def diff(d) -> str:  # the paired difference on the same test samples, when recorded
+            p = pairs.get(str(d))
+            return f" ({100 * p['difference']:+.2f} ± {100 * p['se']:.2f} points, 1 s.e.)" if p else ""
+        noise = [d for d in worse if str(d) in pairs and
+                 -pairs[str(d)]["difference"] < 2 * pairs[str(d)]["se"]]
         out.append({"claim": "Whitened (data-aware) truncation is at least as accurate as plain at every D",
                     "verdict": _verdict(not worse),
-                    "evidence": ", ".join(f"D={d}: {_pct(white[d])} vs {_pct(plain[d])}" for d in plain)})
+                    "evidence": ", ".join(f"D={d}: {_pct(white[d])} vs {_pct(plain[d])}{diff(d)}" for d in plain)
+                    + (f"; where whitened is below plain (D={', '.join(map(str, worse))}), "
+                       + ("the shortfall is within 2 s.e." if noise == worse else
+                          "the shortfall is more than 2 s.e. at D=" +
+                          ", ".join(str(d) for d in worse if d not in noise)) if worse and pairs else "")})
     by_rank: dict = {}
     for r in results.get("allocation") or []:
         by_rank.setdefault(r.get("rank", results["finetune"]["rank"]), {})[r["allocation"]] = r

@@ -139,9 +139,10 @@ def whitening_section(results: dict) -> list[str]:
         lines += ["", "Uniform rank D against per-layer ranks under the same weight-parameter budget "
                   "(whitened): `global` minimises the summed relative truncation error, "
                   "`truncation-loss` the summed absolute output error of the layers (SVD-LLM V2), "
-                  "`loss-aware` that error weighted by each layer's measured sensitivity (kept only "
-                  "when the network's output on the calibration data is nearer the original's than "
-                  "with uniform ranks; `chosen` says which):", "",
+                  "`loss-aware` that error weighted by each layer's measured sensitivity, then checked: "
+                  "the loss-aware, truncation-loss, global, uniform and same-rank choices each "
+                  "compress a copy on three quarters of the calibration batches, and the one whose "
+                  "output on the last quarter is nearest the original's is kept (`chosen`):", "",
                   "| D | allocation | accuracy | parameters | ranks |", "|---|---|---:|---:|---|"]
         for r in alloc:
             ranks = ", ".join(str(v) for v in r["ranks"].values())
@@ -162,11 +163,14 @@ def recovery_section(results: dict) -> list[str]:
              f"the one of {', '.join(map(str, s['lr_grid']))} with the best validation accuracy after "
              f"{s['grid_epochs']} epoch(s) on {s['grid_samples']:,} training samples (a shorter, "
              f"smaller run than the final one); the final runs take {s['ft_epochs']} epochs, and only "
-             "they are scored on the test split.", "",
+             "they are scored on the test split."
+             + (f" Every training, the baseline's included, anneals its learning rate ({s['schedule']})."
+                if s.get("schedule", "constant") != "constant" else ""), "",
              "| method | learning rate (validation accuracy per rate) | seeds | test accuracy |",
              "|---|---|---:|---:|"]
     for key, label in (("finetune", "fine-tune the factors (labels)"),
-                       ("distill", "distil from the dense network (KL + labels), whitened start"),
+                       ("distill", "distil from the dense network (KL + labels), "
+                                   f"{(results.get('distill') or {}).get('start', 'whiten')} start"),
                        ("dynamic", "dynamic SVD training")):
         block = results.get(key)
         if not block:
@@ -193,7 +197,8 @@ def markdown(results: dict) -> str:
         f"Dataset **{d['name']}** ({d['train_samples']:,} training / {d['test_samples']:,} test "
         f"samples); MLP {s['architecture']['in_features']} -> "
         f"{' -> '.join(map(str, s['architecture']['hidden']))} -> "
-        f"{s['architecture']['num_classes']}, Adam lr {s['lr']}, batch {s['batch_size']}, "
+        f"{s['architecture']['num_classes']}, Adam lr {s['lr']}"
+        f"{'' if s.get('schedule', 'constant') == 'constant' else ' (' + s['schedule'] + ')'}, batch {s['batch_size']}, "
         f"{s['epochs']} epochs, seed {s['seed']}, {s['threads']} CPU threads"
         + (" — **quick run** (subset and fewer epochs: a first look, not the study's numbers)"
            if s["quick"] else "") + ".",

@@ -27,7 +27,7 @@ from .data import Dataset, load_dataset
 from .models import MLP
 from ..core.checkpoint import locked, resume_point, save_trained, work_dir  # noqa: F401
 from ..core.distill import Distill
-from .train import CHECKPOINT, TrainConfig, evaluate, train
+from .train import CHECKPOINT, TrainConfig, evaluate, predict, train
 
 
 def run_dataset(source: str | Path, data: str | None = None) -> Dataset:
@@ -198,8 +198,10 @@ def eval_run(run: str | Path, data: str | None = None) -> dict:
 
 
 def sweep(base: nn.Module, data: Dataset, ranks, progress=True, method: str = "plain",
-          calib_batches: int = 64, sequential: bool = True) -> list[dict]:
-    """Accuracy and size of the base network truncated at each rank (None: uncompressed)."""
+          calib_batches: int = 64, sequential: bool = True, correct: dict | None = None) -> list[dict]:
+    """Accuracy and size of the base network truncated at each rank (None: uncompressed);
+    ``correct``, when given, gets each rank's per-sample test correctness (for paired
+    comparisons)."""
     base = base.cpu()
     dense = model_size(base)
     calib = calibration_batches(data, calib_batches) if method == "whiten" else None
@@ -210,6 +212,8 @@ def sweep(base: nn.Module, data: Dataset, ranks, progress=True, method: str = "p
             compress_(model, SVDConfig(rank=rank, method=method, sequential=sequential), calib)
         row = {"rank": rank if rank is not None else "full", **evaluate(model, data.x_test, data.y_test),
                **model_size(model)}
+        if correct is not None:
+            correct[row["rank"]] = predict(model, data.x_test) == data.y_test
         row["compression"] = dense["params"] / row["params"]
         row["method"] = method
         rows.append(row)
