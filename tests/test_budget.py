@@ -204,3 +204,18 @@ def test_plain_method_with_a_data_aware_allocation_needs_and_uses_calibration():
     assert all(r.fit == "plain" for r in report.compressed)
     ranks = {r.name: r.rank for r in report.considered()}
     assert ranks["b"] > ranks["a"]
+
+
+def test_compression_does_not_depend_on_or_change_the_global_random_state():
+    """Candidate fits are scored with a randomized SVD: its sketch comes from a fixed seed."""
+    calib = [inputs(96, seed=i) for i in range(4)]
+    states, net = [], teacher()
+    for seed in (0, 12345):
+        model = copy.deepcopy(net)
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        sc.compress_(model, sc.SVDConfig(ratio=0.3, method="whiten", allocation="loss-aware"), calib)
+        assert torch.equal(before, torch.get_rng_state())  # the caller's generator is left as it was
+        states.append(model.state_dict())
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), key

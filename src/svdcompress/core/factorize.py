@@ -37,9 +37,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _svd(a: torch.Tensor, top: int | None = None):
     """Thin SVD; with ``top``, only (about) the leading ``top`` triplets, by a randomized
     SVD (oversampled by 10, four power iterations) when that is much cheaper. Used to score
-    candidate fits, never for the factors a model keeps."""
+    candidate fits, never for the factors a model keeps. The random sketch is drawn from a
+    fixed seed on a forked generator: the result does not depend on (or change) the
+    caller's random state, so a compression is reproducible whatever ran before it."""
     if top is not None and top + 10 < min(a.shape) // 2:
-        U, S, V = torch.svd_lowrank(a, q=top + 10, niter=4)
+        cuda = [a.device.index if a.device.index is not None else torch.cuda.current_device()] \
+            if a.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(a, q=top + 10, niter=4)
         return U, S, V.T
     return torch.linalg.svd(a, full_matrices=False)
 

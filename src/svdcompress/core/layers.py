@@ -42,7 +42,7 @@ class LowRankLinear(nn.Module):
     """``x -> u (v x) + b``: a Linear layer of rank D as two matmuls."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, init: bool = True) -> None:
         super().__init__()
         check_rank(rank)
         kw = {"device": device, "dtype": dtype}
@@ -50,13 +50,14 @@ class LowRankLinear(nn.Module):
         self.u = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.v = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        _init_factors(self.u, self.v, self.bias)
+        if init:  # (from_factors fills them: no random draw, the caller's generator is untouched)
+            _init_factors(self.u, self.v, self.bias)
 
     @classmethod
     def from_factors(cls, u: torch.Tensor, v: torch.Tensor,
                      bias: torch.Tensor | None) -> "LowRankLinear":
         layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None,
-                    device=u.device, dtype=u.dtype)
+                    device=u.device, dtype=u.dtype, init=False)
         with torch.no_grad():
             layer.u.copy_(u)
             layer.v.copy_(v)
@@ -106,7 +107,7 @@ class _LowRankConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int,
                  stride=1, padding=0, dilation=1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None) -> None:
+                 padding_mode: str = "zeros", device=None, dtype=None, init: bool = True) -> None:
         super().__init__()
         check_rank(rank)
         kw = {"device": device, "dtype": dtype}
@@ -124,7 +125,8 @@ class _LowRankConv(nn.Module):
         self.v = nn.Parameter(torch.empty(rank, in_channels, *self.kernel_size, **kw))
         self.u = nn.Parameter(torch.empty(out_channels, rank, *(1,) * d, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
-        _init_factors(self.u, self.v, self.bias)
+        if init:
+            _init_factors(self.u, self.v, self.bias)
 
     @classmethod
     def from_factors(cls, conv: nn.Module, u: torch.Tensor, v: torch.Tensor):
@@ -132,7 +134,7 @@ class _LowRankConv(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, u.shape[1],
                     stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                    device=u.device, dtype=u.dtype)
+                    device=u.device, dtype=u.dtype, init=False)
         with torch.no_grad():
             layer.u.copy_(u.reshape(layer.u.shape))
             layer.v.copy_(v.reshape(layer.v.shape))
