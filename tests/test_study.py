@@ -84,7 +84,12 @@ def test_reproduce_writes_every_output(tmp_path, data_dir, capsys):
     assert "## Recovering accuracy" in report and "Distillation from the dense network" in report
     assert (out_dir / "runs" / "base" / "svdcompress.json").is_file()
     # the whitened-vs-plain claim shows the paired difference on the same test samples
-    assert results["settings"]["schedule"] == "cosine" and results["distill"]["start"] == "plain"
+    assert results["settings"]["schedule"] == "cosine"
+    # distillation and its labels-only twin start from the same whitened, loss-aware factors
+    dis = results["distill"]
+    la = next(r for r in results["allocation"] if r["allocation"] == "loss-aware" and r["rank"] == 4)
+    assert dis["runs"][0]["start_accuracy"] == dis["finetune_same_start"]["start_accuracy"] == la["accuracy"]
+    assert "fine-tune (labels), whitened, loss-aware ranks start" in report
     pairs = results["sweep_paired"]
     assert set(pairs) == {"2", "4", "8", "full"} and pairs["full"]["difference"] == 0
     for r_p, r_w in zip(results["sweep"][:3], results["sweep_whiten"][:3]):

@@ -42,13 +42,16 @@ def claims(results: dict) -> list[dict]:
     if dis:
         base = results["baseline"]["accuracy"]
         acc = mean_accuracy(dis["runs"])
+        same = dis.get("finetune_same_start")
         out.append({"claim": f"Distillation from the dense network brings D={dis['rank']} within 0.3 "
                              f"points of the baseline in {dis['epochs']} epochs",
                     "verdict": _verdict(acc >= base - 0.003),
                     "evidence": f"distilled {_pct(acc)} (from {dis.get('start', 'whitened')} factors at "
                                 f"{_pct(dis['runs'][0]['start_accuracy'])}; lr {dis['lr']}, T "
                                 f"{dis['temperature']}, alpha {dis['alpha']}) vs baseline {_pct(base)}; "
-                                f"fine-tuned on labels {_pct(mean_accuracy(ft['runs']))}"})
+                                + (f"fine-tuned on labels from the same start {_pct(same['accuracy'])}, "
+                                   if same else "")
+                                + f"from plain factors {_pct(mean_accuracy(ft['runs']))}"})
     return out + whitening_claims(results)
 
 

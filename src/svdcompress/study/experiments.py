@@ -36,12 +36,13 @@ def spectra(model: nn.Module) -> dict[str, list[float]]:
 
 def finetune_factors(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig,
                      progress=True, method: str = "plain", calib=None,
-                     distill: Distill | None = None) -> dict:
-    """Compress ``base`` at ``rank`` and fine-tune the factors (the study's second
-    experiment); with ``distill``, learning from ``base`` itself (KL on its logits mixed
-    with the labels)."""
-    model = copy.deepcopy(base).cpu()
-    compress_(model, SVDConfig(rank=rank, method=method), calib)
+                     distill: Distill | None = None, start: nn.Module | None = None) -> dict:
+    """Compress ``base`` at ``rank`` (or take a copy of ``start``, ``base`` already
+    compressed) and fine-tune the factors (the study's second experiment); with
+    ``distill``, learning from ``base`` itself (KL on its logits mixed with the labels)."""
+    model = copy.deepcopy(start if start is not None else base).cpu()
+    if start is None:
+        compress_(model, SVDConfig(rank=rank, method=method), calib)
     start = evaluate(model, data.x_test, data.y_test)["accuracy"]
     t0 = time.perf_counter()
     history = train(model, data, cfg, progress=progress,
@@ -54,8 +55,9 @@ def finetune_factors(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig
 
 
 def allocations(base: nn.Module, data: Dataset, ranks, calib, method: str = "whiten",
-                objectives=None) -> list[dict]:
-    """Uniform rank D against budgeted allocations of the same weight parameters."""
+                objectives=None, keep: dict | None = None) -> list[dict]:
+    """Uniform rank D against budgeted allocations of the same weight parameters;
+    ``keep``, when given, gets each compressed model and its config by (rank, allocation)."""
     rows = []
     for rank in ranks:
         uniform = copy.deepcopy(base).cpu()
@@ -69,6 +71,9 @@ def allocations(base: nn.Module, data: Dataset, ranks, calib, method: str = "whi
             rep = compress_(model, SVDConfig(ratio=kept / weights, method=method, allocation=allocation), calib)
             done.append((allocation, model, rep))
         for name, model, rep in done:
+            if keep is not None:
+                keep[rank, name] = model, (SVDConfig(rank=rank, method=method) if name == "uniform" else
+                                           SVDConfig(ratio=kept / weights, method=method, allocation=name))
             rows.append({"method": method, "rank": rank, "allocation": name, "weight_ratio": kept / weights,
                          **evaluate(model, data.x_test, data.y_test), **model_size(model),
                          "ranks": {r.name: r.rank for r in rep.considered()},
@@ -147,8 +152,9 @@ def reproduce(data_name: str, out: str | Path, *, quick=False, epochs=BASE_EPOCH
     learning rate of LR_GRID with the best validation accuracy (short runs on a subset:
     GRID), then run ``ft_epochs`` on the rest of the training data over SEEDS seeds, and
     only their final numbers are read on the test split. Every training (baseline included)
-    anneals its learning rate by SCHEDULE. Distillation starts from the same plain factors as
-    fine-tuning, so the two differ in their loss alone."""
+    anneals its learning rate by SCHEDULE. Distillation starts from the library's best
+    compression at D = ft_rank's parameters (whitened, loss-aware allocation), and is
+    compared with fine-tuning on the labels from that same start."""
     with warnings.catch_warnings():  # 16 batches are 2 rows per input: known, and said in the report
         warnings.filterwarnings("ignore", message=".*rows per input feature")
         return _reproduce(data_name, out, quick=quick, epochs=epochs, lr=lr, ft_rank=ft_rank,
@@ -185,7 +191,11 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
     rows_w = sweep(base, data, ranks, progress=progress, method="whiten",
                    calib_batches=calib_batches, correct=correct_w)
     alloc_ranks = [r for r in ranks if r in ALLOC_RANKS] if not quick else []
-    allocation = allocations(base, data, alloc_ranks or [ft_rank], calib)
+    compressed: dict = {}
+    allocation = allocations(base, data, sorted({*alloc_ranks, ft_rank}), calib, keep=compressed)
+    # the library's best start at D = ft_rank's parameters: whitened, loss-aware ranks
+    budget_start, budget_config = compressed[ft_rank, "loss-aware"]
+    del compressed
     timings["sweep_whiten_and_allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -193,7 +203,8 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
     small = Dataset(val.name, val.x_train[g], val.y_train[g], val.x_test, val.y_test, val.mean, val.std)
     methods = {  # name -> run(data, cfg): each method of recovering accuracy at D = ft_rank
         "finetune": lambda d, c: finetune_factors(base, d, ft_rank, c, progress=progress),
-        "distill": lambda d, c: finetune_factors(base, d, ft_rank, c, progress=progress, distill=Distill()),
+        "distill": lambda d, c: finetune_factors(base, d, ft_rank, c, progress=progress, distill=Distill(),
+                                                 start=budget_start),
         "dynamic": lambda d, c: dynamic_training(base, d, ft_rank, c, progress=progress),
     }
     if not dynamic:
@@ -216,12 +227,16 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
     ft_whiten = finetune_factors(base, data, ft_rank, ft_cfg("finetune", seed), progress=progress,
                                  method="whiten", calib=calib)
     ft_whiten.pop("model")
+    ft_budget = finetune_factors(base, data, ft_rank, ft_cfg("finetune", seed), progress=progress,
+                                 start=budget_start)
+    ft_budget.pop("model")
     data_info = DataInfo(data.name, limit)
     for name, done in runs.items():
         for r in done:
             model = r.pop("model")
             if r["seed"] == seed:
-                save(model, out / "runs" / f"d{ft_rank}-{name}", config=SVDConfig(rank=ft_rank),
+                save(model, out / "runs" / f"d{ft_rank}-{name}",
+                     config=budget_config if name == "distill" else SVDConfig(rank=ft_rank),
                      info=RunInfo(data=data_info, history=r["history"]), overwrite=True)
     timings["finetune_distill_dynamic"] = time.perf_counter() - t0
 
@@ -252,7 +267,8 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
         "finetune": {**settings, "lr": chosen["finetune"], "runs": runs["finetune"]},
         "finetune_whiten": {**settings, "lr": chosen["finetune"], "runs": [ft_whiten]},
         "distill": {**settings, "lr": chosen["distill"], "runs": runs["distill"],
-                    **Distill().to_dict(), "start": "plain"},
+                    **Distill().to_dict(), "start": "whitened, loss-aware ranks",
+                    "finetune_same_start": ft_budget},
         "dynamic": {**settings, "lr": chosen["dynamic"], "runs": runs["dynamic"],
                     "method": "subspace"} if dynamic else None,
         "equal_time": equal_time,

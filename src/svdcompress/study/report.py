@@ -168,9 +168,9 @@ def recovery_section(results: dict) -> list[str]:
                 if s.get("schedule", "constant") != "constant" else ""), "",
              "| method | learning rate (validation accuracy per rate) | seeds | test accuracy |",
              "|---|---|---:|---:|"]
-    for key, label in (("finetune", "fine-tune the factors (labels)"),
-                       ("distill", "distil from the dense network (KL + labels), "
-                                   f"{(results.get('distill') or {}).get('start', 'whiten')} start"),
+    start = (results.get("distill") or {}).get("start", "whiten")
+    for key, label in (("finetune", "fine-tune the plain factors (labels)"),
+                       ("distill", f"distil from the dense network (KL + labels), {start} start"),
                        ("dynamic", "dynamic SVD training")):
         block = results.get(key)
         if not block:
@@ -179,6 +179,12 @@ def recovery_section(results: dict) -> list[str]:
         accs = [r["accuracy"] for r in block["runs"]]
         lines.append(f"| {label} | **{block['lr']}** ({grid}) | {len(accs)} | "
                      f"{_pct(sum(accs) / len(accs))} |")
+    same = (results.get("distill") or {}).get("finetune_same_start")
+    for run, label in (((results.get("finetune_whiten") or {}).get("runs", [None])[0],
+                        "fine-tune the whitened factors (labels)"),
+                       (same, f"fine-tune (labels), {start} start")):
+        if run:
+            lines.append(f"| {label} | {run['lr']} (fine-tuning's) | 1 | {_pct(run['accuracy'])} |")
     eq = results.get("equal_time")
     if eq:
         lines += ["", "At equal wall-clock time (per seed, the time the faster method took): "
