@@ -28,7 +28,7 @@ test: $(STAMP)
 FASHION := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?=
 
-# The whole study into report/ (about 21 minutes on 2 cores; `make demo DEMO_ARGS=--quick`
+# The whole study into report/ (about 22 minutes on 2 cores; `make demo DEMO_ARGS=--quick`
 # for a first look in a few). Uses Fashion-MNIST, installing Debian's package when it can.
 demo: $(STAMP)
 	@if [ ! -d $(FASHION) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
