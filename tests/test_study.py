@@ -119,6 +119,7 @@ def test_paired_difference_and_its_standard_error():
     (["train", "--data", "{tmp}/nodata", "--out", "{tmp}/y", "--quiet"], "not found"),
     (["train", "--data", "{data}", "--out", "{base}", "--resume", "--epochs", "2", "--quiet",
       "--width", "32", "--depth", "2", "--batch-size", "32"], "checkpoint.safetensors does not match the hash"),
+    (["train", "--data", "{data}", "--out", "{tmp}/x", "--schedule", "linear", "--quiet"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, data_dir, capsys, argv, message):
     base = tmp_path / "base"
@@ -129,6 +130,18 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, data_dir, capsys, argv, me
     code, out, err = cli(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_cosine_schedule_from_the_cli_resumes_only_with_its_epochs(tmp_path, data_dir, capsys):
+    base = tmp_path / "base"
+    code, out, err = cli(capsys, "train", "--data", data_dir, "--epochs", 2, "--schedule", "cosine",
+                         "--out", base, *TINY)
+    assert code == 0, err
+    code, out, err = cli(capsys, "train", "--data", data_dir, "--epochs", 3, "--schedule", "cosine",
+                         "--resume", "--out", base, *TINY)
+    assert code == 2 and err.count("\n") == 1 and "same --epochs" in err, err
+    code, out, err = cli(capsys, "train", "--data", data_dir, "--epochs", 3, "--resume", "--out", base, *TINY)
+    assert code == 2 and "schedule=cosine" in err, err
 
 
 def test_dynamic_training_from_a_run(tmp_path, data_dir, capsys):
