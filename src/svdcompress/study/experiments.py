@@ -43,11 +43,11 @@ def finetune_factors(base: nn.Module, data: Dataset, rank: int, cfg: TrainConfig
     model = copy.deepcopy(start if start is not None else base).cpu()
     if start is None:
         compress_(model, SVDConfig(rank=rank, method=method), calib)
+    label = method if start is None else "given start"
     start = evaluate(model, data.x_test, data.y_test)["accuracy"]
     t0 = time.perf_counter()
     history = train(model, data, cfg, progress=progress,
-                    desc=f"{'distill' if distill else 'finetune'} {method if start is None else 'given start'} "
-                         f"D={rank} seed {cfg.seed}",
+                    desc=f"{'distill' if distill else 'finetune'} {label} D={rank} seed {cfg.seed}",
                     teacher=copy.deepcopy(base) if distill else None, distill=distill)
     return {"seed": cfg.seed, "method": method, "lr": cfg.lr, "start_accuracy": start,
             "history": history, "accuracy": history[-1]["test_accuracy"] if history else start,
