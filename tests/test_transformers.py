@@ -99,8 +99,8 @@ def test_blockwise_and_per_layer_calibration_give_the_same_factors(name, sequent
     for name, layer in a.named_modules():  # each factorised weight u v (the factors themselves
         if isinstance(layer, sc.LowRankLinear):  # are unique only up to near-tied singular values)
             with torch.no_grad():
-                other = b.get_submodule(name).weight()
-                err = float((layer.weight() - other).norm() / other.norm())
+                other = b.get_submodule(name).dense_weight()
+                err = float((layer.dense_weight() - other).norm() / other.norm())
             assert err < 1e-4, (name, err)
     torch.testing.assert_close(logits(a, data[0]), logits(b, data[0]), atol=1e-4, rtol=1e-4)
 

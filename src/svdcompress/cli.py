@@ -30,7 +30,7 @@ from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
 from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
-from .cli_types import (Parser, UsageError, fraction, positive_float, positive_int,  # noqa: F401
+from .cli_types import (Parser, UsageError, device, fraction, positive_float, positive_int,  # noqa: F401
                         rank_list, suffixes_or_regex)
 
 
@@ -123,7 +123,7 @@ def cmd_compress(args) -> None:
         print(f"saved {args.out} in {seconds:.1f} s")
         return
     print(compress_run(args.run, svd_config(args), args.out, data=args.data,
-                       calib_batches=args.calib_batches, overwrite=args.overwrite))
+                       calib_batches=args.calib_batches, overwrite=args.overwrite, device=args.device))
     print(f"saved {args.out}")
 
 
@@ -178,7 +178,7 @@ def add_train_args(s, epochs: int, lr: float) -> None:
                    help="learning rate: constant, or cosine (annealed to 0 over the epochs)")
     s.add_argument("--batch-size", type=positive_int, default=128)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    s.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu or cuda")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run (its "
                    "checkpoint in OUT.partial) or a finished one (OUT/checkpoint.safetensors)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
@@ -234,8 +234,8 @@ def build_parser() -> Parser:
                    help="with --hf and a causal LM: tokens per calibration sequence (default 256)")
     s.add_argument("--calib-seqs", type=positive_int, default=128,
                    help="with --hf and a causal LM: calibration sequences (default 128)")
-    s.add_argument("--device", default="cpu", help="with --hf: where block-wise calibration and "
-                   "the SVDs run (cpu, cuda): one block at a time is moved there")
+    s.add_argument("--device", type=device, default="cpu", help="where the SVDs and block-wise "
+                   "calibration run (cpu, cuda): one block at a time is moved there")
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--rank", type=positive_int, help="fixed rank D")
     how.add_argument("--energy", type=fraction, help="keep this fraction of the spectrum's energy")
@@ -294,9 +294,10 @@ def build_parser() -> Parser:
     s.add_argument("run")
     s.add_argument("--reference", required=True, help="the uncompressed model directory")
     s.add_argument("--text", required=True, help="a UTF-8 text file to score")
-    s.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512)")
-    s.add_argument("--stride", type=positive_int, default=256,
-                   help="tokens the window moves by; each token is scored once (default 256)")
+    s.add_argument("--window", type=positive_int, help="tokens per window (default 512, or the "
+                   "model's positions when it has fewer)")
+    s.add_argument("--stride", type=positive_int, help="tokens the window moves by; each token is "
+                   "scored once (default half the window)")
     s.set_defaults(func=cmd_eval_lm)
 
     s = sub.add_parser("bench", help="latency and throughput: the dense original against the compressed run")
@@ -333,7 +334,7 @@ def build_parser() -> Parser:
     s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
     s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", type=device, default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_reproduce)
     return p
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SVDCompressError, OSError) as err:  # user-caused: bad value, bad or missing file
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"svdcompress: error: {err}", file=sys.stderr)
+        lines = [line for line in str(err).splitlines() if line.strip()]  # one line, always
+        print(f"svdcompress: error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdcompress: interrupted", file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .core.errors import SVDCompressError
+from .core.devices import resolve_device
+from .core.errors import ConfigError, SVDCompressError
 
 
 class UsageError(SVDCompressError):
@@ -58,3 +59,12 @@ def rank_list(text: str) -> list:
 def suffixes_or_regex(text: str):
     """A comma-separated list of name suffixes, or a regex when it has regex characters."""
     return text if any(c in text for c in "\\^$*+?()[]{}|") else [s for s in text.split(",") if s]
+
+
+def device(text: str) -> str:
+    """auto, cpu, cuda or cuda:N, and present on this machine (core.devices)."""
+    try:
+        resolve_device(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

@@ -25,11 +25,15 @@ ENTRY_POINTS = "svdcompress.architectures"
 class Architecture:
     """``build(spec, directory)`` makes an empty model of ``spec`` (its tensors are loaded
     after); ``write_files(model, directory)``, if given, puts the files that ``build`` needs
-    (a config, a tokenizer) in the run directory being written."""
+    (a config, a tokenizer) in the run directory being written. ``reads``: glob patterns of
+    the file names ``build`` (or the library under it) would read from a directory: such a
+    file that svdcompress.json does not list was added after the run was written, and
+    loading refuses it."""
 
     name: str
     build: Callable[[dict, Path], nn.Module]
     write_files: Callable[[nn.Module, Path], None] | None = None
+    reads: tuple[str, ...] = ()
 
 
 _ARCHS: dict[str, Architecture] = {}

@@ -14,6 +14,7 @@ from .config import DATA_ALLOCATIONS, SVDConfig
 from . import dist
 from .blockwise import capture, compress_blocks, find_blocks
 from .calibrate import Stats, collect, collect_paired, record_inputs
+from .devices import resolve_device
 from .factorize import SVD, split, svd, whitened_svd
 from .fit import ROWS_PER_INPUT, fit_layer
 from .errors import ConfigError
@@ -149,8 +150,8 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
 
 def _factorize(kind: LayerKind, module: nn.Module, dec: SVD, rank: int) -> nn.Module:
     u, v = split(dec, rank)
-    dtype = module.weight.dtype
-    return kind.replace(module, u.to(dtype), v.to(dtype)).train(module.training)
+    where = {"device": module.weight.device, "dtype": module.weight.dtype}
+    return kind.replace(module, u.to(**where), v.to(**where)).train(module.training)
 
 
 def check_rank_fits(model: nn.Module, config: SVDConfig) -> None:
@@ -227,6 +228,7 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
     if config.allocation in DATA_ALLOCATIONS and calibration is None:
         raise ConfigError(f"allocation={config.allocation!r} needs calibration batches")
+    device = None if device is None else resolve_device(device)
     # under torchrun each process streams its share; the statistics are summed over all
     calibration = dist.share(_batches(calibration)) if config.needs_calibration else None
     return _compress(model, config, calibration, progress=progress, device=device)
@@ -251,11 +253,15 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
             continue
         matrix = kind.matrix(module)
         reason = KeepDense.OUTPUT_LAYER if name == output else kind.why_dense(module)
+        subclass = kind.own_computation(module)
+        if reason is None and subclass:
+            reason = KeepDense.OWN_FORWARD
         others = [n for n in shared.get(id(module.weight), []) if n != name]
         if reason is None and others:  # a tied weight: factorising one user unties it
             reason = KeepDense.SHARED
         if reason is not None:
-            detail = f"also used by {', '.join(others)}" if reason is KeepDense.SHARED else ""
+            detail = f"also used by {', '.join(others)}" if reason is KeepDense.SHARED else \
+                subclass or "" if reason is KeepDense.OWN_FORWARD else ""
             report.layers.append(_dense_report(name, module, kind.name, tuple(matrix.shape),
                                                reason, detail, counted))
             continue
@@ -272,7 +278,8 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
     need = [(n, m) for n, m, _, _ in eligible if (whiten and n not in in_blocks) or spectra]
     stats = collect(model, dict(need), calibration, _run_batch, progress) \
         if calibration is not None and need else {}
-    decs = {n: _decompose(w, stats.get(n) if whiten else None, config) for n, _, _, w in eligible
+    decs = {n: _decompose(w if whiten or device is None else w.to(device),  # plain SVDs on device
+                          stats.get(n) if whiten else None, config) for n, _, _, w in eligible
             if not whiten or n in stats}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     if fixed is not None:

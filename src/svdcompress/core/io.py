@@ -10,8 +10,12 @@ refusing non-finite ones and keeping each tensor's dtype. No pickle anywhere.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -224,15 +228,40 @@ def read_config(meta: dict) -> SVDConfig | None:
 
 
 def build(directory: Path, meta: dict) -> nn.Module:
-    """An empty model of the run's recorded architecture."""
+    """An empty model of the run's recorded architecture, built from the files the run
+    lists (and verified) alone: a file dropped into the run later cannot change it."""
     spec = meta.get("architecture")
     if spec is None:
         raise FormatError(f"{directory} holds no built-in architecture: pass the base "
                           "model, as load(directory, model=base)")
-    try:
-        return architecture(spec.get("name")).build(spec, directory)
-    except (TypeError, ValueError) as err:
-        raise FormatError(f"{directory / META}: {err}") from None
+    arch = architecture(spec.get("name"))
+    with _listed_only(directory, meta, arch.reads) as listed:
+        try:
+            return arch.build(spec, listed)
+        except FormatError as err:  # name the run, not the temporary directory
+            raise FormatError(str(err).replace(str(listed), str(directory))) from err
+        except (TypeError, ValueError) as err:
+            raise FormatError(f"{directory / META}: {err}") from None
+
+
+@contextmanager
+def _listed_only(directory: Path, meta: dict, reads: tuple[str, ...]):
+    """A temporary directory of links to the run's listed files (not the weights, which are
+    read separately); the run itself for a version 1 run, which lists none. An unlisted file
+    of a name the architecture reads is refused."""
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        yield directory
+        return
+    for path in sorted(directory.iterdir()):
+        if path.name not in files and any(fnmatch(path.name, p) for p in reads):
+            raise FormatError(f"{path} is not listed in {META}: it was added after the run was "
+                              "written and would change how the model loads (remove it)")
+    with tempfile.TemporaryDirectory(prefix="svdcompress-load-") as tmp:
+        for name in files:
+            if name != WEIGHTS:
+                os.symlink((directory / name).resolve(), Path(tmp) / name)
+        yield Path(tmp)
 
 
 def _header(directory: Path) -> dict[str, tuple]:

@@ -55,6 +55,9 @@ def _describe(module: nn.Module) -> str:
         else type(module).__name__
 
 
+COMPUTING_METHODS = ("forward", "_conv_forward")  # what a subclass may override to compute otherwise
+
+
 class LayerKind:
     """One layer type. ``dense`` is the module type compressed (None: not compressible by
     compress_), ``low_rank`` the type put in its place, ``name`` what svdcompress.json says."""
@@ -69,6 +72,20 @@ class LayerKind:
 
     def why_dense(self, module: nn.Module) -> KeepDense | None:
         """A reason this particular module cannot be factorised, or None."""
+        return None
+
+    def own_computation(self, module: nn.Module) -> str | None:
+        """The name of the subclass when ``module`` is a subclass of this kind's dense type
+        that computes its own way (a ``forward`` or ``_conv_forward`` of its own, e.g. a
+        convolution that pads asymmetrically first): the low-rank layer, built from the base
+        type's attributes, would compute something else, so such a module stays dense."""
+        for cls in type(module).__mro__:
+            if _matches(self.dense, cls):
+                if cls is type(module):
+                    return None
+                own = any(getattr(type(module), m, None) is not getattr(cls, m, None)
+                          for m in COMPUTING_METHODS)
+                return type(module).__name__ if own else None
         return None
 
     def inputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

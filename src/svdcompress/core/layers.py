@@ -30,6 +30,68 @@ def _fill(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return dense
 
 
+class FactoredWeight:
+    """What ``layer.weight`` of a low-rank layer answers, so that model code written for the
+    dense layer keeps working (a ViT reads its patch projection's ``weight.dtype`` in its
+    forward pass): the dense weight's ``dtype``, ``device`` and ``shape`` without forming it.
+    Called (``layer.weight()``, as before), handed to a torch function, or asked anything
+    else, it is the dense product ``u @ v``, formed on demand. Read-only: the factors are
+    the parameters."""
+
+    __slots__ = ("_layer",)
+
+    def __init__(self, layer: nn.Module) -> None:
+        self._layer = layer
+
+    dtype = property(lambda self: self._layer.u.dtype)
+    device = property(lambda self: self._layer.u.device)
+    shape = property(lambda self: self._layer.dense_shape)
+    ndim = property(lambda self: len(self._layer.dense_shape))
+    is_cuda = property(lambda self: self._layer.u.is_cuda)
+    requires_grad = property(lambda self: self._layer.u.requires_grad)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def __call__(self) -> torch.Tensor:
+        return self._layer.dense_weight()
+
+    def __getattr__(self, name: str):
+        return getattr(self._layer.dense_weight(), name)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"FactoredWeight(shape={tuple(self.shape)}, rank={self._layer.rank}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def dense(x):
+            if isinstance(x, FactoredWeight):
+                return x()
+            if isinstance(x, (list, tuple)):
+                return type(x)(dense(y) for y in x)
+            return x
+        return func(*dense(args), **{k: dense(v) for k, v in (kwargs or {}).items()})
+
+
+def _dense_op(name: str):
+    return lambda self, *args: getattr(self(), name)(*args)
+
+
+for _op in ("__matmul__", "__rmatmul__", "__mul__", "__rmul__", "__add__", "__radd__", "__sub__",
+            "__rsub__", "__truediv__", "__neg__", "__getitem__", "__eq__", "__ne__"):
+    setattr(FactoredWeight, _op, _dense_op(_op))
+
+
 def _init_factors(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> None:
     # Same scheme as nn.Linear for each factor; loaded or SVD-initialised layers overwrite it.
     nn.init.kaiming_uniform_(v, a=math.sqrt(5))
@@ -73,7 +135,16 @@ class LowRankLinear(nn.Module):
         u, v = truncated_factors(linear.weight, rank)
         return cls.from_factors(u, v, linear.bias)
 
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> FactoredWeight:
+        """The dense weight's stand-in: dtype, device and shape, and ``weight()`` = u @ v."""
+        return FactoredWeight(self)
+
+    @property
+    def dense_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def dense_weight(self) -> torch.Tensor:
         """The dense (m x n) weight u @ v."""
         return self.u @ self.v
 
@@ -84,7 +155,7 @@ class LowRankLinear(nn.Module):
     def to_dense(self) -> nn.Linear:
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.u.device, dtype=self.u.dtype)
-        return _fill(dense, self.weight(), self.bias)
+        return _fill(dense, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -152,10 +223,19 @@ class _LowRankConv(nn.Module):
         u, v = truncated_factors(w, min(rank, *w.shape))
         return cls.from_factors(conv, u, v)
 
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> FactoredWeight:
+        """The dense weight's stand-in: dtype, device and shape, and ``weight()`` the product."""
+        return FactoredWeight(self)
+
+    @property
+    def dense_shape(self) -> torch.Size:
+        return torch.Size((self.out_channels, self.in_channels, *self.kernel_size))
+
+    def dense_weight(self) -> torch.Tensor:
         """The dense (out, in, *kernel) weight."""
         w = self.u.reshape(self.out_channels, self.rank) @ self.v.reshape(self.rank, -1)
-        return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return w.reshape(self.dense_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = type(self).conv
@@ -172,7 +252,7 @@ class _LowRankConv(nn.Module):
                                 stride=self.stride, padding=self.padding, dilation=self.dilation,
                                 bias=self.bias is not None, padding_mode=self.padding_mode,
                                 device=self.u.device, dtype=self.u.dtype)
-        return _fill(dense, self.weight(), self.bias)
+        return _fill(dense, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -21,6 +21,7 @@ class KeepDense(str, Enum):
     BY_ALLOCATION = "dense by allocation"
     SHARED = "shared weight"
     READ_DIRECTLY = "its weight is read directly by its parent (MultiheadAttention)"
+    OWN_FORWARD = "a subclass that computes its own way"
 
 
 @dataclass

@@ -110,9 +110,9 @@ def project_(model: nn.Module, rank: int, *, method: str = "subspace", target_mo
     check_rank(rank)
     output = output_layer_name(model) if skip_output_layer else None
     names = []
-    for name, module, _ in list(candidate_modules(model, target_modules, exclude_modules)):
-        if name == output or not isinstance(module, nn.Linear):
-            continue
+    for name, module, kind in list(candidate_modules(model, target_modules, exclude_modules)):
+        if name == output or not isinstance(module, nn.Linear) or kind.own_computation(module):
+            continue  # (a Linear subclass with a forward of its own is not a plain x W^T + b)
         d = min(rank, module.in_features, module.out_features)
         replace_module(model, name, ProjectedLinear.from_linear(module, d, method=method, **options))
         names.append(name)

@@ -2,7 +2,7 @@
 offline, calibration text, sliding-window perplexity.
 
 Needs the optional extra ``svdcompress[hf]``. Models load from local directories only, from
-safetensors, with no remote code; a compressed run keeps the config and tokenizer beside
+safetensors, with no remote code and no missing tensor (hf_load.py); a compressed run keeps the config and tokenizer beside
 its weights, so ``svdcompress.load(run)`` rebuilds it offline.
 """
 
@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..core.archs import Architecture
-from ..core.errors import ConfigError, FormatError
+from ..core.errors import ConfigError
 from ..core.io import load
-from .hf import transformers_lib, copy_config, file_size, read_texts
+from .hf import HF_READS, copy_config, file_size, read_texts
+from .hf_load import (check_positions, check_reference, from_config, load_config, load_pretrained,
+                      load_tokenizer, positions, read_config, transformers_lib)
 
 
 class CausalLM(nn.Module):
@@ -54,46 +56,24 @@ def is_causal_lm(architectures) -> bool:
         isinstance(n, str) and n.endswith(("ForCausalLM", "LMHeadModel")) for n in architectures)
 
 
-def _max_length(config) -> int:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1024
-
-
 def load_causal_lm(path: str | Path) -> CausalLM:
     """A pretrained causal LM from a local Hugging Face directory, in its saved dtype."""
-    tf = transformers_lib()
     path = Path(path)
-    try:
-        hf = tf.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                     use_safetensors=True, dtype="auto")
-    except (OSError, ValueError) as err:
-        raise FormatError(f"cannot load the causal LM in {path}: {err}") from None
-    model = CausalLM(hf, _max_length(hf.config)).eval()
-    model.tokenizer = _tokenizer(tf, path)
+    read_config(path)
+    hf = load_pretrained(transformers_lib().AutoModelForCausalLM, path, "causal LM", dtype="auto")
+    model = CausalLM(hf, (positions(hf.config) or (1024, ""))[0]).eval()
+    model.tokenizer = load_tokenizer(path, hf.config, required=False)  # None: token ids only
     model.source_dir = path
     return model
 
 
-def _tokenizer(tf, path: Path):
-    try:
-        return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError):
-        return None  # a model saved without one: token ids only
-
-
 def build_causal_lm(spec: dict, directory: Path) -> CausalLM:
     """An empty causal LM of a saved run's architecture (its config.json)."""
-    tf = transformers_lib()
-    try:
-        config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        hf = tf.AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError) as err:
-        raise FormatError(f"cannot rebuild the causal LM in {directory}: {err}") from None
+    read_config(directory, run=True)
+    config = load_config(directory)
+    hf = from_config(transformers_lib().AutoModelForCausalLM, config, directory)
     model = CausalLM(hf, int(spec.get("max_length", 1024))).eval()
-    model.tokenizer = _tokenizer(tf, directory)
+    model.tokenizer = load_tokenizer(directory, config, required=False)
     return model
 
 
@@ -145,14 +125,19 @@ def perplexity(model: CausalLM, ids: torch.Tensor, window: int = 512, stride: in
     return {"perplexity": math.exp(nll / count), "tokens": count, "tokens_per_second": count / seconds}
 
 
-def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window: int = 512,
-                stride: int = 256) -> dict:
+def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window: int | None = None,
+                stride: int | None = None) -> dict:
     """Perplexity, speed and size of a compressed causal LM against its reference."""
     model = load(run)
     if not isinstance(model, CausalLM):
         raise ConfigError(f"{run} is not a causal language model run")
+    if window is None:  # 512 tokens, or the model's positions when it has fewer
+        window = min(512, (positions(model.hf_config) or (512, ""))[0])
+    check_positions(model.hf_config, window, "--window")
+    stride = max(1, window // 2) if stride is None else stride
     ref = load_causal_lm(reference)
-    ids = token_ids(ref, text)
+    ids = token_ids(model, text)
+    check_reference(model, ref, "\n".join(read_texts(text)), run, reference)
     out = {"window": window, "stride": stride}
     for name, m in (("compressed", model), ("reference", ref)):
         out[name] = {**perplexity(m, ids, window, stride),
@@ -163,4 +148,4 @@ def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window
 
 # Found by svdcompress.load through the entry point "hf-causal-lm" in pyproject.toml.
 ARCHITECTURE = Architecture("hf-causal-lm", lambda spec, directory: build_causal_lm(spec, directory),
-                            copy_config)
+                            copy_config, reads=HF_READS)

@@ -27,6 +27,7 @@ from ..core.errors import ConfigError
 from ..core.io import load, read_config, read_info, read_meta
 from ..core.runinfo import RunInfo
 from .hf import SentenceEncoder, calibration_sentences, load_encoder, read_texts
+from .hf_load import check_reference
 
 HELD_OUT = 10  # every 10th sentence scores the student, and is never trained on
 
@@ -113,8 +114,10 @@ def distill_encoder_run(run: str | Path, out: str | Path, cfg: EncoderTrainConfi
     text = read_texts(texts) if texts else calibration_sentences(sentences)
     context = {"source": str(Path(run).resolve()), "teacher": str(teacher.resolve()),
                "texts": str(texts) if texts else f"{sentences} generated", "distill": distill.to_dict()}
+    teacher_model = load_encoder(teacher)
+    check_reference(student, teacher_model, text, run, teacher)
     with locked(work):
-        history = distill_encoder(student, load_encoder(teacher), text, cfg, distill,
+        history = distill_encoder(student, teacher_model, text, cfg, distill,
                                   checkpoint_dir=work, resume=start, progress=progress,
                                   context=context)
     save_trained(student, out, overwrite or resume, config=read_config(read_meta(run)), info=RunInfo(

@@ -1,7 +1,8 @@
 """Hugging Face encoders (BERT-like, sentence-transformers) as sentence-embedding models.
 
 Needs the optional extra ``svdcompress[hf]`` (transformers). Everything loads from local
-directories, offline: no hub access, no ``trust_remote_code``, weights from safetensors.
+directories, offline, strictly (hf_load.py): no hub access, no remote code, every weight from
+safetensors.
 A sentence-transformers directory (modules.json) gives its pooling and normalisation; a
 plain Hugging Face model directory is mean-pooled.
 """
@@ -18,18 +19,17 @@ import torch
 from torch import nn
 
 from ..core.archs import Architecture
-from ..core.errors import ConfigError, FormatError, require
+from ..core.errors import ConfigError, FormatError
+from .hf_load import (check_positions, from_config, load_config, load_pretrained, load_tokenizer,
+                      one_line, positions, read_config, read_json_object, transformers_lib)
 
 # Files that describe the model and its tokenizer (copied next to the compressed weights).
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "vocab.txt", "special_tokens_map.json", "added_tokens.json", "merges.txt",
                 "vocab.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
-
-
-def transformers_lib():
-    transformers = require("transformers", extra="hf")
-    transformers.logging.set_verbosity_error()  # its load-time chatter is not for our users
-    return transformers
+# What transformers' loaders may read from a directory besides those (a run must list them).
+HF_READS = CONFIG_FILES + ("*.py", "chat_template.*", "preprocessor_config.json",
+                           "processor_config.json", "*.safetensors.index.json")
 
 
 class SentenceEncoder(nn.Module):
@@ -78,44 +78,59 @@ class SentenceEncoder(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def _pooling_of(path: Path) -> tuple[str, bool, Path, int]:
-    """(pooling, normalize, transformer dir, max length) of a sentence-transformers directory."""
-    modules = json.loads((path / "modules.json").read_text())
+def _pooling_of(path: Path) -> tuple[str, bool, Path, int | None]:
+    """(pooling, normalize, transformer dir, max length or None) of a sentence-transformers
+    directory."""
+    modules = read_json_list(path / "modules.json")
     pooling, normalize, base = "mean", False, path
     for m in modules:
-        kind = m.get("type", "")
+        kind, sub = m.get("type"), m.get("path", "")
+        if not isinstance(kind, str) or not isinstance(sub, str) or ".." in Path(sub).parts:
+            raise FormatError(f"{path / 'modules.json'}: each module needs a string 'type' and a "
+                              "relative 'path'")
         if kind.endswith("Transformer"):
-            base = path / m.get("path", "")
+            base = path / sub
         elif kind.endswith("Pooling"):
-            cfg = json.loads((path / m["path"] / "config.json").read_text())
+            cfg = read_json_object(path / sub / "config.json")
             if cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif not cfg.get("pooling_mode_mean_tokens", True):
                 raise FormatError(f"{path}: only mean or CLS pooling is supported")
         elif kind.endswith("Normalize"):
             normalize = True
-    max_length = 256
+    max_length = None
     sbert = base / "sentence_bert_config.json"
     if sbert.is_file():
-        max_length = int(json.loads(sbert.read_text()).get("max_seq_length", max_length))
+        max_length = read_json_object(sbert).get("max_seq_length")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise FormatError(f"{sbert}: max_seq_length must be a positive integer")
     return pooling, normalize, base, max_length
+
+
+def read_json_list(path: Path) -> list[dict]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"{path} is not valid JSON: {one_line(err)}") from None
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise FormatError(f"{path} must hold a list of objects")
+    return value
 
 
 def load_encoder(path: str | Path) -> SentenceEncoder:
     """A pretrained encoder from a local sentence-transformers or Hugging Face directory."""
     path = Path(path)
-    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise FormatError(f"not a Hugging Face model directory (no config.json): {path}")
-    tf = transformers_lib()
-    if (path / "modules.json").is_file():
+    if (path / "modules.json").is_file() and not (path / "svdcompress.json").is_file():
         pooling, normalize, base, max_length = _pooling_of(path)
     else:
-        pooling, normalize, base, max_length = "mean", False, path, 256
-    try:
-        encoder = tf.AutoModel.from_pretrained(str(base), local_files_only=True, use_safetensors=True)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FormatError(f"cannot load the Hugging Face model in {base}: {err}") from None
+        pooling, normalize, base, max_length = "mean", False, path, None
+    read_config(base)
+    encoder = load_pretrained(transformers_lib().AutoModel, base, "Hugging Face model")
+    tokenizer = load_tokenizer(base, encoder.config, required=True)
+    if max_length is None:  # not set by the directory: 256 tokens, or fewer if the model has fewer
+        max_length = min(256, (positions(encoder.config) or (256, ""))[0])
+    check_positions(encoder.config, max_length, "max_seq_length")
     model = SentenceEncoder(encoder, pooling, normalize, max_length).eval()
     model.tokenizer = tokenizer
     model.source_dir = base
@@ -124,17 +139,12 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
 
 def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
     """An empty encoder of a saved run's architecture (its config.json), tokenizer included."""
-    tf = transformers_lib()
-    directory = Path(directory)
-    try:
-        config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        encoder = tf.AutoModel.from_config(config)
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FormatError(f"cannot rebuild the Hugging Face model in {directory}: {err}") from None
+    read_config(directory, run=True)
+    config = load_config(directory)
+    encoder = from_config(transformers_lib().AutoModel, config, directory)
     model = SentenceEncoder(encoder, spec.get("pooling", "mean"), bool(spec.get("normalize", True)),
                             int(spec.get("max_length", 256))).eval()
-    model.tokenizer = tokenizer
+    model.tokenizer = load_tokenizer(directory, config, required=True)
     return model
 
 
@@ -172,6 +182,9 @@ def compare_embeddings(model: SentenceEncoder, reference, texts: list[str],
     how often the top-1 neighbour is the same, and the mean overlap of the top-10 sets.
     ``reference`` is the reference model or its embeddings of ``texts``.
     """
+    if len(texts) < 12:
+        raise ConfigError(f"comparing embeddings needs at least 12 sentences (each query's 10 "
+                          f"nearest neighbours besides itself), got {len(texts)}")
     t0 = time.perf_counter()
     emb = model.encode(texts)
     seconds = time.perf_counter() - t0
@@ -257,4 +270,4 @@ def _build(spec: dict, directory: Path) -> SentenceEncoder:
 
 
 # Found by svdcompress.load through the entry point "hf-encoder" in pyproject.toml.
-ARCHITECTURE = Architecture("hf-encoder", _build, copy_config)
+ARCHITECTURE = Architecture("hf-encoder", _build, copy_config, reads=HF_READS)

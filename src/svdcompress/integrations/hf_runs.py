@@ -5,7 +5,6 @@ end in ForCausalLM or LMHeadModel), or any other encoder (AutoModel, mean-pooled
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,14 +12,16 @@ from torch import nn
 
 from ..core.compress import compress_
 from ..core.config import SVDConfig
-from ..core.errors import ConfigError, FormatError
+from ..core import dist
+from ..core.errors import ConfigError
 from ..core.files import check_destination
 from ..core.io import load, save
 from ..core.report import CompressionReport, model_size
 from ..core.runinfo import RunInfo
 from .causal_lm import CausalLM, eval_lm_run, is_causal_lm, load_causal_lm, text_sequences, token_ids
 from .hf import (EVAL_SENTENCES, SentenceEncoder, calibration_sentences, compare_embeddings,
-                 file_size, load_encoder, read_texts, synthetic_sentences, text_batches, transformers_lib)
+                 file_size, load_encoder, read_texts, synthetic_sentences, text_batches)
+from .hf_load import check_positions, check_reference, read_config
 
 __all__ = ["compress_hf", "eval_embeddings_run", "eval_lm_run", "load_hf"]
 
@@ -28,17 +29,9 @@ __all__ = ["compress_hf", "eval_embeddings_run", "eval_lm_run", "load_hf"]
 def load_hf(path: str | Path) -> nn.Module:
     """A local Hugging Face model directory as a SentenceEncoder or a CausalLM."""
     path = Path(path)
-    if (path / "modules.json").is_file():
+    if (path / "modules.json").is_file() and not (path / "svdcompress.json").is_file():
         return load_encoder(path)
-    if not (path / "config.json").is_file():
-        raise FormatError(f"not a Hugging Face model directory (no config.json): {path}")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{path / 'config.json'} is not valid JSON: {err}") from None
-    transformers_lib()
-    if not isinstance(config, dict):
-        raise FormatError(f"{path / 'config.json'} must hold a JSON object")
+    config = read_config(path)
     if is_causal_lm(config.get("architectures")):
         return load_causal_lm(path)
     return load_encoder(path)
@@ -52,6 +45,7 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
     generated sentences, a causal LM on ``calib`` split into ``calib_seqs`` sequences of
     ``seq_len`` tokens."""
     check_destination(out, overwrite=overwrite, sources=[path])
+    dist.barrier()  # under torchrun: every process has checked OUT before rank 0 writes it
     t0 = time.perf_counter()
     model = load_hf(path)
     batches, what = None, None
@@ -60,6 +54,7 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
             if calib is None:
                 raise ConfigError("whitening or a data-aware allocation of a causal LM needs "
                                   "calibration text: --calib FILE")
+            check_positions(model.hf_config, seq_len, "--seq-len")
             batches = text_sequences(token_ids(model, calib), seq_len, calib_seqs)
             what = f"{sum(len(b['input_ids']) for b in batches)} sequences of {seq_len} tokens from {calib}"
         else:
@@ -68,9 +63,11 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
             what = calib or f"{calib_sentences} generated sentences"
     report = compress_(model, config, batches, progress=True, device=device)
     seconds = time.perf_counter() - t0
-    save(model, out, config=config, overwrite=overwrite, info=RunInfo(
-        source=str(path), compression=report.to_dict(), seconds=seconds,
-        metrics=model_size(model), calibration=what))
+    if dist.is_main():  # under torchrun, rank 0 writes
+        save(model, out, config=config, overwrite=overwrite, info=RunInfo(
+            source=str(path), compression=report.to_dict(), seconds=seconds,
+            metrics=model_size(model), calibration=what))
+    dist.barrier()
     return report, seconds
 
 
@@ -84,6 +81,7 @@ def eval_embeddings_run(run: str | Path, reference: str | Path, texts: str | Non
         raise ConfigError(f"{run} is not a sentence encoder run")
     ref = load_encoder(reference)
     text = read_texts(texts) if texts else synthetic_sentences(sentences, seed=0)
+    check_reference(model, ref, text, run, reference)
     m = compare_embeddings(model, ref, text)
     m["params"] = sum(p.numel() for p in model.parameters())
     m["reference_params"] = sum(p.numel() for p in ref.parameters())

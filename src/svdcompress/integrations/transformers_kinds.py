@@ -24,7 +24,7 @@ class LowRankConv1D(LowRankLinear):
         dense = require("transformers.pytorch_utils", extra="hf").Conv1D(self.out_features,
                                                                        self.in_features)
         dense.to(device=self.u.device, dtype=self.u.dtype)
-        dense.weight.copy_(self.weight().T)
+        dense.weight.copy_(self.dense_weight().T)
         if self.bias is not None:
             dense.bias.copy_(self.bias)
         else:

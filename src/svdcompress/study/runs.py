@@ -168,9 +168,11 @@ def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int 
 
 
 def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data=None,
-                 calib_batches: int = 64, overwrite=False, progress=True) -> CompressionReport:
+                 calib_batches: int = 64, overwrite=False, progress=True,
+                 device=None) -> CompressionReport:
     """Load a run, compress it (calibrated on its training data for whitening), save to ``out``."""
     check_destination(out, overwrite=overwrite, sources=[source])
+    dist.barrier()  # under torchrun: every process has checked OUT before rank 0 writes it
     model = load(source)
     check_rank_fits(model, config)
     dataset = None
@@ -179,7 +181,7 @@ def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data
         dataset = _matching(model, run_dataset(source, data))
     if config.needs_calibration:
         calib = calibration_batches(dataset, calib_batches)
-    report = compress_(model, config, calib, progress=progress)
+    report = compress_(model, config, calib, progress=progress, device=device)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),
                    source=str(Path(source).resolve()), compression=report.to_dict(),
                    metrics=model_size(model),

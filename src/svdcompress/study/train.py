@@ -21,6 +21,7 @@ from ..core import dist
 from ..core.checkpoint import (CHECKPOINT, TrainingDiverged, _sealed, check_finite,  # noqa: F401
                                check_schedule, load_checkpoint, make_optimizer, set_lr,
                                read_checkpoint, save_checkpoint)
+from ..core.devices import resolve_device  # noqa: F401 (study code imports it from here)
 from ..core.distill import Distill, logit_loss
 from ..core.errors import ConfigError
 from .data import Dataset
@@ -36,17 +37,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_schedule(self)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda")
+                                                and not self.device.startswith("cuda:")):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    name = dist.local_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but CUDA is not available here")
-    return torch.device(name)
 
 
 @torch.no_grad()
