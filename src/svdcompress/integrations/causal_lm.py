@@ -19,8 +19,8 @@ from ..core.archs import Architecture
 from ..core.errors import ConfigError
 from ..core.io import load
 from .hf import HF_READS, copy_config, file_size, read_texts
-from .hf_load import (check_positions, check_reference, from_config, load_config, load_pretrained,
-                      load_tokenizer, positions, read_config, transformers_lib)
+from .hf_load import (DTYPES, check_positions, check_reference, custom_code, from_config, gguf_source, load_gguf, load_config, load_pretrained,
+                      load_tokenizer, positions, read_hf_config, transformers_lib)
 
 
 class CausalLM(nn.Module):
@@ -56,24 +56,35 @@ def is_causal_lm(architectures) -> bool:
         isinstance(n, str) and n.endswith(("ForCausalLM", "LMHeadModel")) for n in architectures)
 
 
-def load_causal_lm(path: str | Path) -> CausalLM:
-    """A pretrained causal LM from a local Hugging Face directory, in its saved dtype."""
+def load_causal_lm(path: str | Path, dtype: str = "auto") -> CausalLM:
+    """A pretrained causal LM from a local Hugging Face directory (in its saved dtype, or
+    ``dtype``), or from a GGUF file (dequantised to ``dtype``, float32 by default)."""
     path = Path(path)
-    read_config(path)
-    hf = load_pretrained(transformers_lib().AutoModelForCausalLM, path, "causal LM", dtype="auto")
+    gguf = gguf_source(path)
+    if gguf is not None:
+        hf, tokenizer = load_gguf(*gguf, dtype)
+        config = None
+    else:
+        config = read_hf_config(path)
+        hf = load_pretrained(transformers_lib().AutoModelForCausalLM, path, "causal LM",
+                             dtype=DTYPES[dtype])
+        tokenizer = load_tokenizer(path, hf.config, required=False)  # None: token ids only
     model = CausalLM(hf, (positions(hf.config) or (1024, ""))[0]).eval()
-    model.tokenizer = load_tokenizer(path, hf.config, required=False)  # None: token ids only
-    model.source_dir = path
+    model.tokenizer = tokenizer
+    model.source_dir = None if gguf else path  # a GGUF's config and tokenizer are written anew
+    if config is not None:
+        custom_code(path, config)
     return model
 
 
 def build_causal_lm(spec: dict, directory: Path) -> CausalLM:
     """An empty causal LM of a saved run's architecture (its config.json)."""
-    read_config(directory, run=True)
+    raw = read_hf_config(directory, run=True)
     config = load_config(directory)
     hf = from_config(transformers_lib().AutoModelForCausalLM, config, directory)
     model = CausalLM(hf, int(spec.get("max_length", 1024))).eval()
     model.tokenizer = load_tokenizer(directory, config, required=False)
+    custom_code(directory, raw)
     return model
 
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..core.archs import Architecture
 from ..core.errors import ConfigError, FormatError
-from .hf_load import (check_positions, from_config, load_config, load_pretrained, load_tokenizer,
-                      one_line, positions, read_config, read_json_object, transformers_lib)
+from .hf_load import (check_positions, custom_code, from_config, load_config, load_pretrained, load_tokenizer,
+                      one_line, positions, read_hf_config, read_json_object, transformers_lib)
 
 # Files that describe the model and its tokenizer (copied next to the compressed weights).
 CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -45,6 +45,8 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if getattr(self.encoder.config, "is_decoder", False):  # no key-value cache: one pass each
+            kwargs["use_cache"] = False
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
         if self.pooling == "cls":
             out = hidden[:, 0]
@@ -125,12 +127,13 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
         pooling, normalize, base, max_length = _pooling_of(path)
     else:
         pooling, normalize, base, max_length = "mean", False, path, None
-    read_config(base)
+    config = read_hf_config(base)
     encoder = load_pretrained(transformers_lib().AutoModel, base, "Hugging Face model")
     tokenizer = load_tokenizer(base, encoder.config, required=True)
     if max_length is None:  # not set by the directory: 256 tokens, or fewer if the model has fewer
         max_length = min(256, (positions(encoder.config) or (256, ""))[0])
     check_positions(encoder.config, max_length, "max_seq_length")
+    custom_code(base, config)
     model = SentenceEncoder(encoder, pooling, normalize, max_length).eval()
     model.tokenizer = tokenizer
     model.source_dir = base
@@ -139,12 +142,13 @@ def load_encoder(path: str | Path) -> SentenceEncoder:
 
 def build_encoder(directory: str | Path, spec: dict) -> SentenceEncoder:
     """An empty encoder of a saved run's architecture (its config.json), tokenizer included."""
-    read_config(directory, run=True)
+    raw = read_hf_config(directory, run=True)
     config = load_config(directory)
     encoder = from_config(transformers_lib().AutoModel, config, directory)
     model = SentenceEncoder(encoder, spec.get("pooling", "mean"), bool(spec.get("normalize", True)),
                             int(spec.get("max_length", 256))).eval()
     model.tokenizer = load_tokenizer(directory, config, required=True)
+    custom_code(directory, raw)
     return model
 
 

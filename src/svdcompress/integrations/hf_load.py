@@ -23,6 +23,8 @@ import json
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..core.errors import ConfigError, FormatError, MissingDependency, require
 
 # Files a tokenizer's vocabulary lives in (one of them must be present).
@@ -57,10 +59,9 @@ def read_json_object(path: Path) -> dict:
     return value
 
 
-def read_config(path: str | Path, *, run: bool = False) -> dict:
-    """The directory's config.json as a dict, after the checks that come before any loader:
-    it exists, it is a JSON object, it needs no code of its own. ``run``: ``path`` is an
-    svdcompress run (else a run given where a dense model is expected is refused)."""
+def locate(path: str | Path, *, run: bool = False) -> Path:
+    """``path`` as a model directory with a config.json (``run``: an svdcompress run; else a
+    run given where a dense model is expected is refused)."""
     path = Path(path)
     if not path.is_dir():
         raise FormatError(f"not a Hugging Face model directory (no such directory): {path}")
@@ -69,6 +70,14 @@ def read_config(path: str | Path, *, run: bool = False) -> dict:
                           "directory: give the model it was compressed from")
     if not (path / "config.json").is_file():
         raise FormatError(f"not a Hugging Face model directory (no config.json): {path}")
+    return path
+
+
+def read_hf_config(path: str | Path, *, run: bool = False) -> dict:
+    """The directory's config.json as a dict, after the checks that come before any loader:
+    it exists, it is a JSON object, it needs no code of its own. What it asks that
+    svdcompress will not do (custom classes) is said by ``custom_code`` once it loaded."""
+    path = locate(path, run=run)
     config = read_json_object(path / "config.json")
     tf = transformers_lib()
     model_type = config.get("model_type")
@@ -79,38 +88,62 @@ def read_config(path: str | Path, *, run: bool = False) -> dict:
     if model_type is not None and not known:
         raise FormatError(f"{path / 'config.json'} has model_type {model_type!r}, which "
                           f"transformers {tf.__version__} does not know")
+    architectures = config.get("architectures")
+    if architectures is not None and not (isinstance(architectures, list) and
+                                          all(isinstance(a, str) for a in architectures)):
+        raise FormatError(f"{path / 'config.json'}: 'architectures' must be a list of class names")
+    if (path / "tokenizer_config.json").is_file():
+        read_json_object(path / "tokenizer_config.json")
+    return config
+
+
+def custom_code(path: str | Path, config: dict) -> None:
+    """Warn, once the directory loaded, of custom code it names and svdcompress did not run:
+    the built-in classes of its model_type stand in for it."""
+    path, tf = Path(path), transformers_lib()
+    model_type = config.get("model_type")
     if config.get("auto_map"):
         warnings.warn(f"{path / 'config.json'} names custom code (auto_map): svdcompress never "
                       f"runs it and loads transformers' built-in {model_type!r} classes instead",
-                      stacklevel=2)
-    custom = [a for a in config.get("architectures") or [] if isinstance(a, str) and not hasattr(tf, a)]
-    if custom and not config.get("auto_map"):
-        warnings.warn(f"{path / 'config.json'} names the class {custom[0]}, which transformers does "
-                      f"not have: loaded with the built-in {model_type!r} classes", stacklevel=2)
-    if (path / "tokenizer_config.json").is_file():
-        tok = read_json_object(path / "tokenizer_config.json")
-        if tok.get("auto_map"):
-            warnings.warn(f"{path / 'tokenizer_config.json'} names custom tokenizer code (auto_map): "
-                          "svdcompress never runs it and uses transformers' own tokenizer classes",
-                          stacklevel=2)
-    return config
+                      stacklevel=3)
+    else:
+        custom = [a for a in config.get("architectures") or [] if not hasattr(tf, a)]
+        if custom:
+            warnings.warn(f"{path / 'config.json'} names the class {custom[0]}, which transformers "
+                          f"does not have: loaded with the built-in {model_type!r} classes", stacklevel=3)
+    if (path / "tokenizer_config.json").is_file() and \
+            read_json_object(path / "tokenizer_config.json").get("auto_map"):
+        warnings.warn(f"{path / 'tokenizer_config.json'} names custom tokenizer code (auto_map): "
+                      "svdcompress never runs it and uses transformers' own tokenizer classes",
+                      stacklevel=3)
 
 
 def load_pretrained(auto_class, path: str | Path, what: str, **kwargs):
     """``auto_class.from_pretrained(path)`` with every tensor from the directory's safetensors,
-    no remote code and one-line errors. Call read_config(path) first."""
+    no remote code and one-line errors. Call read_hf_config(path) first."""
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise FormatError(f"{path} holds no .safetensors weights (svdcompress never loads "
                           "pickled weights)")
+    model = _strict_load(auto_class, path, path, what, use_safetensors=True, **kwargs)
+    with torch.device("meta"):  # what loading the compressed run will do: it must work too
+        from_config(auto_class, load_config(path), path)
+    return model
+
+
+def _strict_load(auto_class, folder: Path, where: Path, what: str, **kwargs):
+    """from_pretrained, then refuse anything not filled from the file and a model that does
+    not run; ``where`` names the source in errors."""
     try:
-        model, info = auto_class.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        with warnings.catch_warnings():  # its warnings on odd configs: our errors say it
+            warnings.simplefilter("ignore")
+            model, info = auto_class.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False,
+                output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except MissingDependency:
         raise
     except Exception as err:  # any failure of a foreign loader on a user's directory
-        raise FormatError(f"cannot load the {what} in {path}: {one_line(err)}") from err
+        raise FormatError(f"cannot load the {what} in {where}: {one_line(err)}") from err
     problems = []
     for key, label in (("missing_keys", "lacks"), ("unexpected_keys", "has unexpected"),
                        ("mismatched_keys", "has wrongly shaped")):
@@ -124,9 +157,73 @@ def load_pretrained(auto_class, path: str | Path, what: str, **kwargs):
         problems.insert(0, "its tensors look like svdcompress factors (a compressed model saved "
                            "with save_pretrained: svdcompress.save writes a run that load reads)")
     if problems:
-        raise FormatError(f"the weights in {path} do not fit its config.json: {'; '.join(problems)} "
+        raise FormatError(f"the weights in {where} do not fit its config: {'; '.join(problems)} "
                           "(svdcompress never fills a model with random weights)")
+    _check_runs(model.eval(), where)
     return model
+
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def gguf_source(path: str | Path) -> tuple[Path, str] | None:
+    """(folder, file name) when ``path`` is a .gguf file, or a directory without config.json
+    that holds exactly one; None for anything else."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.glob("*.gguf"))
+        if len(found) > 1:
+            raise FormatError(f"{path} holds {len(found)} GGUF files ({', '.join(found[:3])}): "
+                              "name the one to load")
+        if found:
+            return path, found[0]
+    return None
+
+
+def load_gguf(folder: Path, name: str, dtype: str = "auto"):
+    """(causal LM, tokenizer) from a GGUF file, its weights dequantised to ``dtype`` ("auto":
+    float32), its tokenizer from the file's metadata. The config loses the GGUF quantisation
+    entry: the compressed run is an ordinary one."""
+    require("gguf", extra="gguf")
+    require("accelerate", extra="gguf")
+    tf = transformers_lib()
+    where = folder / name
+    dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
+    model = _strict_load(tf.AutoModelForCausalLM, folder, where, "GGUF model", gguf_file=name,
+                         dtype=dtype)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer, model.is_quantized = None, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = tf.AutoTokenizer.from_pretrained(str(folder), gguf_file=name,
+                                                         local_files_only=True, trust_remote_code=False)
+    except Exception as err:
+        raise FormatError(f"cannot read the tokenizer of {where}: {one_line(err)}") from err
+    _check_tokenizer(tokenizer, model.config, where)
+    with torch.device("meta"):
+        from_config(tf.AutoModelForCausalLM, model.config, where)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _check_runs(model, path: Path) -> None:
+    """One forward pass of two tokens: a config.json whose numbers fit every tensor's shape
+    can still describe a model that does not compute (heads that do not divide the width)."""
+    vocab = getattr(model.config, "vocab_size", None)
+    ids = torch.arange(6).remainder(vocab if isinstance(vocab, int) and vocab > 0 else 1).reshape(2, 3)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # a padded batch, as calibration batches are
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=ids, attention_mask=mask)
+    except Exception as err:
+        raise FormatError(f"the model in {path} does not run with its config.json: "
+                          f"{one_line(err)}") from err
 
 
 def load_config(path: str | Path):
@@ -163,11 +260,19 @@ def load_tokenizer(path: str | Path, config, *, required: bool):
                                                          trust_remote_code=False)
     except Exception as err:
         raise FormatError(f"the tokenizer in {path} is corrupt or unreadable: {one_line(err)}") from err
+    _check_tokenizer(tokenizer, config, path)
+    return tokenizer
+
+
+def _check_tokenizer(tokenizer, config, path: Path) -> None:
+    try:  # options read only when text is tokenised (a model_max_length that is a string)
+        tokenizer(["A short sentence to check the tokenizer."], truncation=True)
+    except Exception as err:
+        raise FormatError(f"the tokenizer in {path} is corrupt or unreadable: {one_line(err)}") from err
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise FormatError(f"the tokenizer in {path} has {len(tokenizer):,} tokens, more than the "
                           f"model's vocabulary of {vocab:,}: its files do not belong together")
-    return tokenizer
 
 
 def positions(config) -> tuple[int, str] | None:

@@ -21,33 +21,40 @@ from ..core.runinfo import RunInfo
 from .causal_lm import CausalLM, eval_lm_run, is_causal_lm, load_causal_lm, text_sequences, token_ids
 from .hf import (EVAL_SENTENCES, SentenceEncoder, calibration_sentences, compare_embeddings,
                  file_size, load_encoder, read_texts, synthetic_sentences, text_batches)
-from .hf_load import check_positions, check_reference, read_config
+from .hf_load import DTYPES, check_positions, check_reference, gguf_source, locate, read_json_object
 
 __all__ = ["compress_hf", "eval_embeddings_run", "eval_lm_run", "load_hf"]
 
 
-def load_hf(path: str | Path) -> nn.Module:
-    """A local Hugging Face model directory as a SentenceEncoder or a CausalLM."""
+def load_hf(path: str | Path, dtype: str = "auto") -> nn.Module:
+    """A local Hugging Face model directory as a SentenceEncoder or a CausalLM; a GGUF file
+    (or a directory holding one) as a CausalLM. ``dtype`` casts a causal LM ("auto": as
+    saved, float32 for GGUF)."""
     path = Path(path)
+    if gguf_source(path) is not None:
+        return load_causal_lm(path, dtype)
     if (path / "modules.json").is_file() and not (path / "svdcompress.json").is_file():
-        return load_encoder(path)
-    config = read_config(path)
-    if is_causal_lm(config.get("architectures")):
-        return load_causal_lm(path)
-    return load_encoder(path)
+        encoder = load_encoder(path)
+    else:
+        config = read_json_object(locate(path) / "config.json")  # (the loader checks it whole)
+        if is_causal_lm(config.get("architectures")):
+            return load_causal_lm(path, dtype)
+        encoder = load_encoder(path)
+    return encoder if dtype == "auto" else encoder.to(DTYPES[dtype])
 
 
 def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str | None = None,
                 calib_sentences: int = 512, overwrite: bool = False, seq_len: int = 256,
-                calib_seqs: int = 128, device: str = "cpu") -> tuple[CompressionReport, float]:
-    """Load a local Hugging Face model, compress it and save it to ``out``; returns (report,
-    seconds). Whitening calibrates an encoder on ``calib`` (one sentence a line) or on
-    generated sentences, a causal LM on ``calib`` split into ``calib_seqs`` sequences of
-    ``seq_len`` tokens."""
+                calib_seqs: int = 128, device: str = "cpu",
+                dtype: str = "auto") -> tuple[CompressionReport, float]:
+    """Load a local Hugging Face model (or a GGUF file), compress it and save it to ``out``;
+    returns (report, seconds). Whitening calibrates an encoder on ``calib`` (one sentence a
+    line) or on generated sentences, a causal LM on ``calib`` split into ``calib_seqs``
+    sequences of ``seq_len`` tokens."""
     check_destination(out, overwrite=overwrite, sources=[path])
     dist.barrier()  # under torchrun: every process has checked OUT before rank 0 writes it
     t0 = time.perf_counter()
-    model = load_hf(path)
+    model = load_hf(path, dtype)
     batches, what = None, None
     if config.needs_calibration:
         if isinstance(model, CausalLM):
