@@ -171,3 +171,21 @@ def test_sliding_window_perplexity_scores_every_token_once():
     assert whole["perplexity"] == pytest.approx(float(ref.exp()), rel=1e-5)
     slid = perplexity(model, ids, window=16, stride=8)
     assert slid["tokens"] == 49
+
+
+def test_non_overlapping_windows_equal_a_direct_computation():
+    model = gpt2()
+    ids = torch.randint(1, VOCAB, (50,), generator=torch.Generator().manual_seed(2))
+    got = perplexity(model, ids, window=16, stride=16)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, 50, 16):  # each window alone, scoring its tokens after the first
+            chunk = ids[begin:begin + 16]
+            if len(chunk) < 2:
+                continue
+            losses = torch.nn.functional.cross_entropy(model(chunk[None])[0, :-1], chunk[1:], reduction="none")
+            nll, count = nll + float(losses.sum()), count + losses.numel()
+    assert got["tokens"] == count == 50 - 4
+    assert got["nll"] == pytest.approx(nll / count, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-6)
+    assert got["seconds"] > 0

@@ -28,6 +28,7 @@ from .integrations.distill import EncoderTrainConfig, distill_encoder_run
 from .integrations.export import export_run
 from .integrations.hf_load import DTYPES
 from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
+from .integrations.recover_lm import LMTrainConfig, recover_lm_run
 from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
@@ -50,9 +51,15 @@ def cmd_info(args) -> None:
         print("  (no low-rank layers: a dense model)")
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                       device=args.device, schedule=args.schedule)
+def train_config(args, epochs: int = 20, batch_size: int = 128) -> TrainConfig:
+    """The training settings of the command line, with these defaults where it has none."""
+    return TrainConfig(epochs=_or(args.epochs, epochs), lr=args.lr,
+                       batch_size=_or(args.batch_size, batch_size), seed=args.seed,
+                       device=args.device, schedule=_or(args.schedule, "constant"))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def cmd_train(args) -> None:
@@ -74,22 +81,46 @@ def cmd_train(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    distill = Distill(args.temperature, args.alpha, args.embedding_loss) if args.distill else None
-    if read_meta(args.run).get("architecture", {}).get("name") == "hf-encoder":
+    arch = (read_meta(args.run).get("architecture") or {}).get("name")
+    if arch == "hf-causal-lm":
+        return finetune_lm(args)
+    distill = Distill(_or(args.temperature, 2.0), _or(args.alpha, 0.5),
+                      args.embedding_loss) if args.distill else None
+    batch_size = _or(args.batch_size, 128)
+    if arch == "hf-encoder":
         if distill is None:
             raise ConfigError("a sentence encoder is fine-tuned by distillation: add --distill")
         history = distill_encoder_run(
-            args.run, args.out, EncoderTrainConfig(args.epochs, args.lr, args.batch_size, args.seed, args.schedule),
+            args.run, args.out, EncoderTrainConfig(_or(args.epochs, 5), args.lr, batch_size, args.seed,
+                                                _or(args.schedule, "constant")),
             distill, teacher=args.teacher, texts=args.calib, sentences=args.calib_sentences,
             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         print(f"saved {args.out}: held-out cosine to the teacher "
               f"{history[-1]['held_out_cosine']:.4f}" if history else f"saved {args.out}")
         return
-    history = continue_training(args.run, train_config(args), args.out, data=args.data,
-                                resume=args.resume, overwrite=args.overwrite,
+    history = continue_training(args.run, train_config(args, epochs=5, batch_size=128), args.out,
+                                data=args.data, resume=args.resume, overwrite=args.overwrite,
                                 progress=not args.quiet, distill=distill, teacher=args.teacher)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
+
+
+def finetune_lm(args) -> None:
+    """A causal LM: recovery training on --text, from the dense teacher with --distill (KL
+    at T = 1 mixed half and half with the next-token loss), else on the next tokens alone."""
+    if args.text is None:
+        raise UsageError("a causal LM is fine-tuned on running text: --text FILE")
+    distill = Distill(_or(args.temperature, 1.0), _or(args.alpha, 0.5)) if args.distill \
+        else Distill(1.0, 0.0)
+    cfg = LMTrainConfig(epochs=_or(args.epochs, 1), lr=args.lr, batch_size=_or(args.batch_size, 4),
+                        accumulate=args.accumulate, seq_len=args.seq_len, seed=args.seed,
+                        schedule=_or(args.schedule, "cosine"), max_sequences=args.max_sequences,
+                        train_also=args.train_also)
+    history = recover_lm_run(args.run, args.out, cfg, distill, text=args.text, teacher=args.teacher,
+                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    last = history[-1] if history else None
+    print(f"saved {args.out}: held-out perplexity {last['held_out_perplexity']:.3f}, KL to the "
+          f"teacher {last['held_out_kl']:.4f}" if last else f"saved {args.out}")
 
 
 def cmd_sweep(args) -> None:
@@ -140,7 +171,7 @@ def cmd_eval_embeddings(args) -> None:
 
 
 def cmd_eval_lm(args) -> None:
-    m = eval_lm_run(args.run, args.reference, args.text, args.window, args.stride)
+    m = eval_lm_run(args.run, args.reference, args.text, args.window, args.stride, args.max_tokens)
     for name in ("compressed", "reference"):
         r = m[name]
         print(f"{name:>10}: perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens, "
@@ -172,12 +203,14 @@ def cmd_reproduce(args) -> None:
         print(f"  [{c['verdict']}] {c['claim']}: {c['evidence']}")
 
 
-def add_train_args(s, epochs: int, lr: float) -> None:
-    s.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+def add_train_args(s, epochs: str, lr: float, batch: str = "128", schedule: str = "constant") -> None:
+    """The training options; their defaults are the command's (None here: one per path)."""
+    s.add_argument("--epochs", type=int, help=f"default {epochs}")
     s.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr})")
-    s.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                   help="learning rate: constant, or cosine (annealed to 0 over the epochs)")
-    s.add_argument("--batch-size", type=positive_int, default=128)
+    s.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"learning rate: constant, or cosine (annealed to 0 over the epochs; "
+                   f"default {schedule})")
+    s.add_argument("--batch-size", type=positive_int, help=f"default {batch}")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu or cuda")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run (its "
@@ -210,7 +243,7 @@ def build_parser() -> Parser:
     s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
     s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
     s.add_argument("--limit-train", type=positive_int, help="use only the first N training samples")
-    add_train_args(s, epochs=20, lr=1e-3)
+    add_train_args(s, epochs="20", lr=1e-3)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sweep", help="accuracy and size of a run truncated at each rank")
@@ -273,13 +306,24 @@ def build_parser() -> Parser:
     s.add_argument("run")
     s.add_argument("--out", required=True)
     s.add_argument("--data", help="dataset (default: the run's)")
-    add_train_args(s, epochs=5, lr=1e-4)
+    add_train_args(s, epochs="5; a causal LM 1", lr=1e-4, batch="128; a causal LM 4 sequences",
+                   schedule="constant; a causal LM cosine")
     s.add_argument("--distill", action="store_true", help="learn from the dense model the run was "
-                   "compressed from: KL on the logits mixed with the labels; an encoder: its "
-                   "embeddings, no labels")
+                   "compressed from: KL on the logits mixed with the labels (a causal LM: with "
+                   "the next tokens); an encoder: its embeddings, no labels")
     s.add_argument("--teacher", help="with --distill: the teacher run or model (default: the source)")
-    s.add_argument("--temperature", type=positive_float, default=2.0, help="KL temperature (default 2)")
-    s.add_argument("--alpha", type=float, default=0.5, help="share of the distillation loss (default 0.5)")
+    s.add_argument("--temperature", type=positive_float, help="KL temperature (default 2; a causal LM 1)")
+    s.add_argument("--alpha", type=float, help="share of the distillation loss (default 0.5)")
+    s.add_argument("--text", help="a causal LM: the UTF-8 text file to train on (every 10th "
+                   "sequence is held out and scores the run after each epoch)")
+    s.add_argument("--seq-len", type=positive_int, default=256,
+                   help="a causal LM: tokens per training sequence (default 256)")
+    s.add_argument("--accumulate", type=positive_int, default=4, help="a causal LM: micro-batches "
+                   "whose gradients make one optimiser step (default 4)")
+    s.add_argument("--max-sequences", type=positive_int, help="a causal LM: train on at most N "
+                   "sequences per epoch")
+    s.add_argument("--train-also", help="a causal LM: a regex of more parameters to train "
+                   "(default: only the low-rank factors)")
     s.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
     s.add_argument("--calib", help="encoder: a text file to distil on, one sentence a line")
     s.add_argument("--calib-sentences", type=positive_int, default=512,
@@ -301,7 +345,9 @@ def build_parser() -> Parser:
     s.add_argument("--window", type=positive_int, help="tokens per window (default 512, or the "
                    "model's positions when it has fewer)")
     s.add_argument("--stride", type=positive_int, help="tokens the window moves by; each token is "
-                   "scored once (default half the window)")
+                   "scored once (default half the window; equal to --window: non-overlapping "
+                   "windows, as SVD-LLM's and GPTQ's evaluations)")
+    s.add_argument("--max-tokens", type=positive_int, help="score only the text's first N tokens")
     s.set_defaults(func=cmd_eval_lm)
 
     s = sub.add_parser("bench", help="latency and throughput: the dense original against the compressed run")

@@ -112,7 +112,9 @@ def text_sequences(ids: torch.Tensor, seq_len: int, count: int | None = None,
 @torch.no_grad()
 def perplexity(model: CausalLM, ids: torch.Tensor, window: int = 512, stride: int = 256) -> dict:
     """Sliding-window perplexity: each window scores only the tokens the previous window did
-    not, with up to ``window - stride`` tokens of context before them."""
+    not, with up to ``window - stride`` tokens of context before them. ``stride == window``
+    is the field's evaluation (SVD-LLM's, GPTQ's): non-overlapping windows, each scoring its
+    tokens after the first. ``nll`` is the mean negative log-likelihood per scored token."""
     if not 0 < stride <= window:
         raise ConfigError(f"stride must be in [1, window], got {stride} and {window}")
     model.eval()
@@ -133,12 +135,14 @@ def perplexity(model: CausalLM, ids: torch.Tensor, window: int = 512, stride: in
     seconds = time.perf_counter() - t0
     if count == 0:
         raise ConfigError("the evaluation text is too short: it needs at least two tokens")
-    return {"perplexity": math.exp(nll / count), "tokens": count, "tokens_per_second": count / seconds}
+    return {"nll": nll / count, "perplexity": math.exp(nll / count), "tokens": count,
+            "seconds": seconds, "tokens_per_second": count / seconds}
 
 
 def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window: int | None = None,
-                stride: int | None = None) -> dict:
-    """Perplexity, speed and size of a compressed causal LM against its reference."""
+                stride: int | None = None, max_tokens: int | None = None) -> dict:
+    """Perplexity, speed and size of a compressed causal LM against its reference, on the
+    first ``max_tokens`` tokens of ``text`` (all of it by default)."""
     model = load(run)
     if not isinstance(model, CausalLM):
         raise ConfigError(f"{run} is not a causal language model run")
@@ -149,7 +153,9 @@ def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window
     ref = load_causal_lm(reference)
     ids = token_ids(model, text)
     check_reference(model, ref, "\n".join(read_texts(text)), run, reference)
-    out = {"window": window, "stride": stride}
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    out = {"window": window, "stride": stride, "text": str(text)}
     for name, m in (("compressed", model), ("reference", ref)):
         out[name] = {**perplexity(m, ids, window, stride),
                      "params": sum(p.numel() for p in m.parameters())}

@@ -19,6 +19,8 @@ goes through the functions here instead:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -191,8 +193,9 @@ def load_gguf(folder: Path, name: str, dtype: str = "auto"):
     tf = transformers_lib()
     where = folder / name
     dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
-    model = _strict_load(tf.AutoModelForCausalLM, folder, where, "GGUF model", gguf_file=name,
-                         dtype=dtype)
+    with contextlib.redirect_stderr(io.StringIO()):  # its own dequantisation progress bar
+        model = _strict_load(tf.AutoModelForCausalLM, folder, where, "GGUF model", gguf_file=name,
+                             dtype=dtype)
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)

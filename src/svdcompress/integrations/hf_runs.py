@@ -72,7 +72,7 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
     seconds = time.perf_counter() - t0
     if dist.is_main():  # under torchrun, rank 0 writes
         save(model, out, config=config, overwrite=overwrite, info=RunInfo(
-            source=str(path), compression=report.to_dict(), seconds=seconds,
+            source=str(Path(path).resolve()), compression=report.to_dict(), seconds=seconds,
             metrics=model_size(model), calibration=what))
     dist.barrier()
     return report, seconds
