@@ -2,6 +2,7 @@
 block-wise calibration, save/load offline, perplexity. Tiny random models, no downloads."""
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -37,6 +38,30 @@ def llama():
 
 
 MODELS = {"gpt2": gpt2, "llama": llama}
+
+
+def tiny(cls, cfg):
+    torch.manual_seed(0)
+    return CausalLM(cls(cfg), 64).eval()
+
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0, max_position_embeddings=64)
+_SHAPE = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+              num_key_value_heads=2)
+# The decoder families transformers ships most, beyond GPT-2 and Llama: Gemma-3 alternates
+# sliding-window and global attention, so each block gets its own mask and positions.
+FAMILIES = {
+    "mistral": lambda: tiny(transformers.MistralForCausalLM, transformers.MistralConfig(
+        sliding_window=8, **_SHAPE, **_COMMON)),
+    "qwen2": lambda: tiny(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**_SHAPE, **_COMMON)),
+    "gemma3": lambda: tiny(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        **{**_SHAPE, "num_hidden_layers": 4}, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2, **_COMMON)),
+    "phi3": lambda: tiny(transformers.Phi3ForCausalLM, transformers.Phi3Config(**_SHAPE, **_COMMON)),
+    "opt": lambda: tiny(transformers.OPTForCausalLM, transformers.OPTConfig(
+        num_hidden_layers=3, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+        vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=1, max_position_embeddings=64)),
+}
 
 
 def batches(n=4, tokens=12, pad=False):
@@ -103,6 +128,30 @@ def test_blockwise_and_per_layer_calibration_give_the_same_factors(name, sequent
                 err = float((layer.dense_weight() - other).norm() / other.norm())
             assert err < 1e-4, (name, err)
     torch.testing.assert_close(logits(a, data[0]), logits(b, data[0]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_common_decoder_takes_the_blockwise_path_and_matches_the_per_layer_factors(name, monkeypatch):
+    base = FAMILIES[name]()
+    data = batches(pad=True)
+    cfg = sc.SVDConfig(ratio=0.4, method="whiten")
+    per_layer = copy.deepcopy(base)
+    sc.compress_(per_layer, dataclasses.replace(cfg, blockwise=False), data)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the per-layer path ran")
+    monkeypatch.setattr(compress_module, "record_inputs", forbidden)
+    monkeypatch.setattr(compress_module, "collect", forbidden)
+    block = copy.deepcopy(base)
+    report = sc.compress_(block, cfg, data)
+    assert len(report.compressed) >= 3 * 4  # (Phi-3 fuses qkv and gate-up: 4 a block)
+    for layer_name, layer in block.named_modules():
+        if isinstance(layer, sc.LowRankLinear):
+            with torch.no_grad():
+                other = per_layer.get_submodule(layer_name).dense_weight()
+                err = float((layer.dense_weight() - other).norm() / other.norm())
+            assert err < 1e-4, (layer_name, err)
+    torch.testing.assert_close(logits(block, data[0]), logits(per_layer, data[0]), atol=1e-4, rtol=1e-4)
 
 
 def test_blockwise_path_records_no_per_layer_inputs(monkeypatch):

@@ -1,8 +1,9 @@
 """Block-wise calibration (as SVD-LLM and GPTQ do): compress a model with repeated blocks
 one block at a time, in memory bounded by two block boundaries, whatever its depth.
 
-The inputs of the first block (and the keyword arguments every block gets: attention
-masks, position ids or embeddings) are captured once. Then, for each block: the layers'
+The inputs of the first block (and the other arguments the blocks get: attention masks,
+position ids or embeddings, the same for every block or each block's own, as in models that
+alternate sliding-window and global attention) are captured once. Then, for each block: the layers'
 statistics come from the current block inputs, the block's layers are compressed in the
 order they run (layers fed the same tensor, as q, k and v are, share one statistic),
 and the block's outputs become the next block's inputs. With sequential (compensated)
@@ -10,8 +11,8 @@ calibration two streams run side by side: the original network's block inputs an
 compressed network's, so each layer is fitted to reproduce its original outputs from the
 inputs the compressed layers before it produce, exactly as the per-layer path does.
 
-A model whose blocks are not chained (a block's output is not the next block's input, or
-blocks get different keyword arguments) is left to the per-layer path.
+A model whose blocks are not chained (a block's output is not the next block's input) is
+left to the per-layer path.
 """
 
 from __future__ import annotations
@@ -62,48 +63,64 @@ def find_blocks(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]
 
 @dataclass
 class Stream:
-    """One batch's block inputs: the hidden states, the other positional arguments and the
-    keyword arguments the blocks are called with."""
+    """One batch's block inputs: the hidden states, and the other positional and keyword
+    arguments the blocks are called with: the same for every block (``args``, ``kwargs``),
+    or each block's own (``per_block[i]`` = (args, kwargs) of block i), as in models that
+    alternate sliding-window and global attention. They do not depend on the hidden states,
+    so they are recorded once from the dense forward pass and replayed."""
 
     hidden: torch.Tensor
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    per_block: list | None = None
 
-    def run(self, block: nn.Module, device, hidden=None) -> torch.Tensor:
+    def run(self, block: nn.Module, device, hidden=None, index: int = 0) -> torch.Tensor:
+        args, kwargs = (self.args, self.kwargs) if self.per_block is None else self.per_block[index]
         h = _to(self.hidden if hidden is None else hidden, device)
-        return _first(block(h, *_to(self.args, device), **_to(self.kwargs, device)))
+        return _first(block(h, *_to(args, device), **_to(kwargs, device)))
+
+    def moved(self, hidden: torch.Tensor) -> "Stream":
+        """The same arguments with other hidden states (the next block's inputs)."""
+        return Stream(hidden, self.args, self.kwargs, self.per_block)
 
 
 @torch.no_grad()
-def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Callable,
-            chained_check: bool = True) -> list[Stream] | None:
-    """The first block's inputs for every batch (one partial forward pass each); None when
-    the blocks are not chained, checked on the first batch."""
-    seen: list = []
+def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Callable) -> list[Stream] | None:
+    """The first block's inputs for every batch, and the arguments every block gets; None
+    when the blocks are not chained (a block's input is not the previous block's output),
+    checked on the first batch. When all blocks get the same arguments, one partial forward
+    pass per batch (to the first block); else one dense pass per batch records each block's."""
+    chain = _chained(model, blocks, batches[0], forward)
+    if chain is None:
+        return None
+    calls: list = [None] * len(blocks)
+    last = 0 if chain == "same" else len(blocks) - 1
 
-    def grab(module, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
+    def grab(i, args, kwargs):
+        calls[i] = (args, kwargs)
+        if i == last:
+            raise _Stop
 
+    handles = [block.register_forward_pre_hook(lambda m, a, k, i=i: grab(i, a, k), with_kwargs=True)
+               for i, block in enumerate(blocks[:last + 1])]
     streams = []
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in batches:
-            seen.clear()
+            calls[:] = [None] * len(blocks)
             try:
                 forward(model, batch)
             except _Stop:
                 pass
-            if not seen:
+            if any(c is None or not c[0] for c in calls[:last + 1]):
                 return None
-            args, kwargs = seen[0]
-            if not args:
-                return None
-            streams.append(Stream(args[0].detach(), tuple(args[1:]), dict(kwargs)))
+            hidden = calls[0][0][0].detach()
+            if chain == "same":
+                streams.append(Stream(hidden, tuple(calls[0][0][1:]), dict(calls[0][1])))
+            else:
+                streams.append(Stream(hidden, per_block=[(tuple(a[1:]), dict(k)) for a, k in calls]))
     finally:
-        handle.remove()
-    if chained_check and not _chained(model, blocks, batches[0], forward):
-        return None
+        for h in handles:
+            h.remove()
     return streams
 
 
@@ -118,8 +135,10 @@ def _same(a, b) -> bool:
 
 
 @torch.no_grad()
-def _chained(model, blocks, batch, forward) -> bool:
-    """Every block's input is the previous block's output, and all get the same arguments."""
+def _chained(model, blocks, batch, forward) -> str | None:
+    """"same" when every block's input is the previous block's output and all get the same
+    other arguments, "per-block" when they are chained but get arguments of their own,
+    None when they are not chained."""
     calls: list = [None] * len(blocks)
     outs: list = [None] * len(blocks)
     handles = []
@@ -141,14 +160,14 @@ def _chained(model, blocks, batch, forward) -> bool:
         for h in handles:
             h.remove()
     if any(c is None or not c[0] for c in calls):
-        return False
+        return None
+    same = True
     for i in range(1, len(blocks)):
         args, kwargs = calls[i]
-        if not (_same(args[1:], calls[0][0][1:]) and _same(kwargs, calls[0][1])):
-            return False
         if not isinstance(outs[i - 1], torch.Tensor) or not _same(args[0], outs[i - 1]):
-            return False
-    return True
+            return None
+        same = same and _same(args[1:], calls[0][0][1:]) and _same(kwargs, calls[0][1])
+    return "same" if same else "per-block"
 
 
 @dataclass
@@ -160,7 +179,7 @@ class Group:
 
 
 @torch.no_grad()
-def discover(block: nn.Module, names: list[str], stream: Stream, device) -> list[Group]:
+def discover(block: nn.Module, names: list[str], stream: Stream, device, index: int = 0) -> list[Group]:
     """Group the block's target layers by the tensor they are fed, in the order they run."""
     order: list[tuple[str, object]] = []
     keep = []  # hold the inputs so their ids stay unique during the pass
@@ -172,7 +191,7 @@ def discover(block: nn.Module, names: list[str], stream: Stream, device) -> list
     handles = [block.get_submodule(n).register_forward_pre_hook(
         lambda m, a, n=n: seen(m, a, n)) for n in names]
     try:
-        stream.run(block, device)
+        stream.run(block, device, index=index)
     finally:
         for h in handles:
             h.remove()
@@ -193,7 +212,7 @@ def discover(block: nn.Module, names: list[str], stream: Stream, device) -> list
 
 @torch.no_grad()
 def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hidden=None,
-               stop: bool = True) -> list[list[torch.Tensor]]:
+               stop: bool = True, index: int = 0) -> list[list[torch.Tensor]]:
     """For each group, the rows its weight matrices multiply in each call of one batch's
     pass; with ``stop`` the pass ends once the last group's calls are all seen."""
     rows: list[list[torch.Tensor]] = [[] for _ in groups]
@@ -207,7 +226,7 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(grab))
     try:
-        stream.run(block, device, hidden)
+        stream.run(block, device, hidden, index)
     except _Stop:
         pass
     finally:
@@ -236,31 +255,31 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
         block.to(device).eval()
         here = f"{prefix}.{i}."
         inside = [n[len(here):] for n in names if n.startswith(here)]
-        groups = discover(block, inside, original[0], device) if inside else []
+        groups = discover(block, inside, original[0], device, i) if inside else []
         if sequential:
             dense = copy.deepcopy(block)  # the original block, for the original stream
             for group in groups:  # in run order: each fitted after those before it changed
                 stats = Moments()
                 for j, s in enumerate(original):
-                    xs, = group_rows(dense, [group], s, device)
-                    ys, = group_rows(block, [group], s, device, compressed[j])
+                    xs, = group_rows(dense, [group], s, device, index=i)
+                    ys, = group_rows(block, [group], s, device, compressed[j], index=i)
                     for x, y in zip(xs, ys):  # call by call
                         stats.add(y, x)
                 stats = stats.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, stats)
             for j, s in enumerate(original):  # the outputs feed the next block
-                compressed[j] = s.run(block, device, compressed[j]).to(s.hidden.device)
-                original[j] = Stream(s.run(dense, device).to(s.hidden.device), s.args, s.kwargs)
+                compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
+                original[j] = s.moved(s.run(dense, device, index=i).to(s.hidden.device))
             del dense
         else:
             stats = [Moments() for _ in groups]
             for s in original:  # every group's rows from one pass of the dense block
-                for m, calls in zip(stats, group_rows(block, groups, s, device, stop=False)):
+                for m, calls in zip(stats, group_rows(block, groups, s, device, stop=False, index=i)):
                     for rows in calls:
                         m.add(rows)
             for j, s in enumerate(original):  # propagate before the block changes
-                original[j] = Stream(s.run(block, device).to(s.hidden.device), s.args, s.kwargs)
+                original[j] = s.moved(s.run(block, device, index=i).to(s.hidden.device))
             for group, m in zip(groups, stats):
                 group_stats = m.stats(here + group.names[0])
                 for name in group.names:
