@@ -183,6 +183,24 @@ def _ppl(m: dict) -> dict:
             "eval_seconds": m["seconds"]}
 
 
+LABELS = {"dense": "dense", "plain": "plain SVD", "svd-llm": "SVD-LLM (parallel whitening, uniform)",
+          "default": "svdcompress whitened default", "loss-aware": "default + loss-aware ranks",
+          "recovered": "default + recovery training"}
+
+
+def table(result: dict) -> str:
+    """The results as a Markdown table (README)."""
+    lines = ["| kept | method | perplexity | compression | recovery | peak RSS |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        kept = "1.0" if r["method"] == "dense" else f"{r['ratio']:g} ({r['block_linear_kept']:.3f})"
+        comp = f"{r['compress_seconds']:.0f} s" if "compress_seconds" in r else ""
+        rec = f"{r['recovery_seconds'] / 60:.1f} min" if "recovery_seconds" in r else ""
+        lines.append(f"| {kept} | {LABELS[r['method']]} | {r['perplexity']:,.2f} | {comp} | {rec} | "
+                     f"{r['peak_rss_bytes'] / 2 ** 30:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ratios", type=lambda t: [float(x) for x in t.split(",")], default=[0.8, 0.6, 0.4])
@@ -202,7 +220,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="benchmarks/results/llm.json")
+    p.add_argument("--render", action="store_true", help="print --out's results as a Markdown table")
     args = p.parse_args()
+    if args.render:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
     unknown = set(args.rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")

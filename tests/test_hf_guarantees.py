@@ -84,6 +84,11 @@ def with_remote_code(path, marker, model_type=None):
     if model_type:
         config["model_type"] = model_type
     (path / "config.json").write_text(json.dumps(config))
+    tok = path / "tokenizer_config.json"
+    if tok.is_file():  # and a custom tokenizer class from the same module
+        tok_config = json.loads(tok.read_text())
+        tok_config["auto_map"] = {"AutoTokenizer": ["custom_model.CustomTokenizer", None]}
+        tok.write_text(json.dumps(tok_config))
     return path
 
 

@@ -238,3 +238,27 @@ def test_non_overlapping_windows_equal_a_direct_computation():
     assert got["nll"] == pytest.approx(nll / count, rel=1e-6)
     assert got["perplexity"] == pytest.approx(float(torch.tensor(nll / count).exp()), rel=1e-6)
     assert got["seconds"] > 0
+
+
+@pytest.mark.parametrize("sequential", ["sequential", "parallel"])
+def test_profile_names_where_the_time_of_a_compression_goes(tmp_path, capsys, sequential):
+    from svdcompress.core.profile import Profile
+    profile = Profile()
+    sc.compress_(llama(), sc.SVDConfig(ratio=0.5, method="whiten", sequential=sequential == "sequential"),
+                 batches(), profile=profile)
+    phases = profile.to_dict()
+    for name in ("block inputs captured", "block passes (group inputs)", "block passes (propagation)",
+                 "statistics", "fits (SVDs, candidates)"):
+        assert phases[name]["seconds"] > 0 and phases[name]["calls"] >= 1, name
+    assert phases["fits (SVDs, candidates)"]["calls"] == 3 * 7  # one fit per layer, 7 a block
+    if sequential == "sequential":  # the command line prints it and records it in the run
+        src = tmp_path / "src"
+        llama().model.save_pretrained(str(src))
+        make_tokenizer(src, synthetic_sentences(200))
+        text = tmp_path / "text.txt"
+        text.write_text("\n".join(synthetic_sentences(200)))
+        assert main(["compress", "--hf", str(src), "--ratio", "0.5", "--method", "whiten", "--calib",
+                     str(text), "--seq-len", "16", "--calib-seqs", "8", "--profile",
+                     "--out", str(tmp_path / "run")]) == 0
+        assert "where the time went" in capsys.readouterr().out
+        assert "statistics" in sc.read_info(tmp_path / "run").compression["profile"]

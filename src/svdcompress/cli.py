@@ -22,6 +22,7 @@ from .core.checkpoint import SCHEDULES
 from .core.config import ALLOCATIONS, SVDConfig
 from .core.distill import Distill
 from .core.errors import ConfigError, SVDCompressError
+from .core.profile import Profile
 from .core.io import load, read_meta
 from .integrations.bench import bench_run
 from .integrations.distill import EncoderTrainConfig, distill_encoder_run
@@ -146,17 +147,22 @@ def svd_config(args) -> SVDConfig:
 def cmd_compress(args) -> None:
     if (args.run is None) == (args.hf is None):
         raise UsageError("give exactly one of RUN or --hf PATH")
+    profile = Profile() if args.profile else None
     if args.hf is not None:
         report, seconds = compress_hf(args.hf, svd_config(args), args.out, calib=args.calib,
                                       calib_sentences=args.calib_sentences, overwrite=args.overwrite,
                                       seq_len=args.seq_len, calib_seqs=args.calib_seqs,
-                                      device=args.device, dtype=args.dtype)
+                                      device=args.device, dtype=args.dtype, profile=profile)
         print(report)
-        print(f"saved {args.out} in {seconds:.1f} s")
-        return
-    print(compress_run(args.run, svd_config(args), args.out, data=args.data,
-                       calib_batches=args.calib_batches, overwrite=args.overwrite, device=args.device))
-    print(f"saved {args.out}")
+        saved = f"saved {args.out} in {seconds:.1f} s"
+    else:
+        print(compress_run(args.run, svd_config(args), args.out, data=args.data,
+                           calib_batches=args.calib_batches, overwrite=args.overwrite,
+                           device=args.device, profile=profile))
+        saved = f"saved {args.out}"
+    if profile is not None:
+        print(f"where the time went:\n{profile}")
+    print(saved)
 
 
 def cmd_eval(args) -> None:
@@ -298,6 +304,8 @@ def build_parser() -> Parser:
     s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
                    "needs this many times fewer multiply-adds")
     s.add_argument("--data", help="dataset for calibration (default: the run's)")
+    s.add_argument("--profile", action="store_true", help="print (and record in the run) the "
+                   "seconds of each phase: block passes, statistics, fits, allocation")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     s.set_defaults(func=cmd_compress)

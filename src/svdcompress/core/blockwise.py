@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import Moments
 from .kinds import dense_kind, low_rank_kind
+from .profile import Profile, phase
 
 
 class _Stop(Exception):
@@ -237,7 +238,8 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
 
 @torch.no_grad()
 def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], streams: list[Stream],
-                    finish: Callable, sequential: bool, device=None, progress: bool = False) -> None:
+                    finish: Callable, sequential: bool, device=None, progress: bool = False,
+                    profile: Profile | None = None) -> None:
     """Compress the target layers ``names`` (full names, all inside ``blocks``) block by block.
 
     ``finish(full_name, stats)`` factorises one layer and puts it in place. With
@@ -261,27 +263,36 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
             for group in groups:  # in run order: each fitted after those before it changed
                 stats = Moments()
                 for j, s in enumerate(original):
-                    xs, = group_rows(dense, [group], s, device, index=i)
-                    ys, = group_rows(block, [group], s, device, compressed[j], index=i)
-                    for x, y in zip(xs, ys):  # call by call
-                        stats.add(y, x)
-                stats = stats.stats(here + group.names[0])
+                    with phase(profile, "block passes (group inputs)"):
+                        xs, = group_rows(dense, [group], s, device, index=i)
+                        ys, = group_rows(block, [group], s, device, compressed[j], index=i)
+                    with phase(profile, "statistics"):
+                        for x, y in zip(xs, ys):  # call by call
+                            stats.add(y, x)
+                with phase(profile, "statistics"):
+                    stats = stats.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, stats)
-            for j, s in enumerate(original):  # the outputs feed the next block
-                compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
-                original[j] = s.moved(s.run(dense, device, index=i).to(s.hidden.device))
+            with phase(profile, "block passes (propagation)"):
+                for j, s in enumerate(original):  # the outputs feed the next block
+                    compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
+                    original[j] = s.moved(s.run(dense, device, index=i).to(s.hidden.device))
             del dense
         else:
             stats = [Moments() for _ in groups]
             for s in original:  # every group's rows from one pass of the dense block
-                for m, calls in zip(stats, group_rows(block, groups, s, device, stop=False, index=i)):
-                    for rows in calls:
-                        m.add(rows)
-            for j, s in enumerate(original):  # propagate before the block changes
-                original[j] = s.moved(s.run(block, device, index=i).to(s.hidden.device))
+                with phase(profile, "block passes (group inputs)"):
+                    rows_of = group_rows(block, groups, s, device, stop=False, index=i)
+                with phase(profile, "statistics"):
+                    for m, calls in zip(stats, rows_of):
+                        for rows in calls:
+                            m.add(rows)
+            with phase(profile, "block passes (propagation)"):
+                for j, s in enumerate(original):  # propagate before the block changes
+                    original[j] = s.moved(s.run(block, device, index=i).to(s.hidden.device))
             for group, m in zip(groups, stats):
-                group_stats = m.stats(here + group.names[0])
+                with phase(profile, "statistics"):
+                    group_stats = m.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, group_stats)
         block.to(home)

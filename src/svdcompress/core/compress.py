@@ -15,6 +15,7 @@ from . import dist
 from .blockwise import capture, compress_blocks, find_blocks
 from .calibrate import Stats, collect, collect_paired, record_inputs
 from .devices import resolve_device
+from .profile import Profile, phase
 from .factorize import SVD, split, svd, whitened_svd
 from .fit import ROWS_PER_INPUT, fit_layer
 from .errors import ConfigError
@@ -211,7 +212,7 @@ def _find_chained_blocks(model: nn.Module, eligible: list, calibration: list):
 
 
 def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None = None, *,
-              progress: bool = False, device=None) -> CompressionReport:
+              progress: bool = False, device=None, profile: Profile | None = None) -> CompressionReport:
     """Factorise ``model``'s target Linear/Conv2d layers in place; report each layer.
 
     A layer stays dense (and the report says why) when it is the output layer and
@@ -222,7 +223,8 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     report's rel_error is the relative output error on the calibration inputs. A model whose
     target layers sit in chained repeated blocks (a transformer) is calibrated block by
     block (blockwise.py), in memory bounded by two block boundaries; ``device`` ("cuda")
-    runs each block's statistics and SVDs there, one block at a time.
+    runs each block's statistics and SVDs there, one block at a time. ``profile`` (a
+    core.profile.Profile) collects the seconds of each phase.
     """
     if not isinstance(config, SVDConfig):
         raise TypeError(f"config must be an SVDConfig, got {type(config).__name__}")
@@ -231,11 +233,12 @@ def compress_(model: nn.Module, config: SVDConfig, calibration: Iterable | None 
     device = None if device is None else resolve_device(device)
     # under torchrun each process streams its share; the statistics are summed over all
     calibration = dist.share(_batches(calibration)) if config.needs_calibration else None
-    return _compress(model, config, calibration, progress=progress, device=device)
+    return _compress(model, config, calibration, progress=progress, device=device, profile=profile)
 
 
 def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
-              progress: bool = False, device=None, fixed: dict | None = None) -> CompressionReport:
+              progress: bool = False, device=None, fixed: dict | None = None,
+              profile: Profile | None = None) -> CompressionReport:
     """compress_ on calibration batches already read (and shared under torchrun); ``fixed``:
     per-layer ranks to use instead of the config's (None: dense)."""
     whiten = config.method == "whiten"
@@ -271,16 +274,19 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         eligible.append((name, module, kind, matrix))
     if not eligible:
         raise ConfigError("nothing to compress: " + _nothing(report))
-    blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
+    with phase(profile, "block inputs captured"):
+        blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
     in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}
     spectra = fixed is None and (config.spec.kind == "energy" or config.allocation != "uniform")
     # per-layer path: statistics of every layer; block layers only when ranks need them
     need = [(n, m) for n, m, _, _ in eligible if (whiten and n not in in_blocks) or spectra]
-    stats = collect(model, dict(need), calibration, _run_batch, progress) \
-        if calibration is not None and need else {}
-    decs = {n: _decompose(w if whiten or device is None else w.to(device),  # plain SVDs on device
-                          stats.get(n) if whiten else None, config) for n, _, _, w in eligible
-            if not whiten or n in stats}
+    with phase(profile, "per-layer statistics"):
+        stats = collect(model, dict(need), calibration, _run_batch, progress) \
+            if calibration is not None and need else {}
+    with phase(profile, "spectra (plain or parallel SVDs)"):
+        decs = {n: _decompose(w if whiten or device is None else w.to(device),  # plain SVDs on device
+                              stats.get(n) if whiten else None, config) for n, _, _, w in eligible
+                if not whiten or n in stats}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     if fixed is not None:
         ranks = {n: fixed.get(n) for n in shapes}
@@ -288,8 +294,9 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
         ranks = allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)
     elif config.allocation in DATA_ALLOCATIONS:
-        ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats, calibration,
-                                                     device)
+        with phase(profile, "allocation"):
+            ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats,
+                                                         calibration, device)
     else:  # a fixed rank or a parameter ratio needs no spectrum
         ranks = {n: choose_rank(decs[n].S if n in decs else None, config.spec, shapes[n])
                  for n in shapes}
@@ -318,19 +325,24 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         matrix, rank = todo[name][2], todo[name][3]
         if layer_stats.rows < ROWS_PER_INPUT * matrix.shape[1]:
             few.append((name, layer_stats.rows, matrix.shape[1]))
-        finish(name, *fit_layer(matrix, rank, layer_stats, config.damping, config.select_fit))
+        with phase(profile, "fits (SVDs, candidates)"):
+            fitted = fit_layer(matrix, rank, layer_stats, config.damping, config.select_fit)
+        finish(name, *fitted)
 
     if blocks:
         compress_blocks(blocks[1], blocks[0], [n for n in todo if n in in_blocks], blocks[2],
-                        from_stats, config.sequential, device, progress)
+                        from_stats, config.sequential, device, progress, profile)
     rest = [n for n in todo if n not in in_blocks]
     originals = {}
     if whiten and config.sequential and rest:  # the network's layer inputs, recorded once
-        originals = record_inputs(model, {n: todo[n][0] for n in rest}, calibration, _run_batch)
+        with phase(profile, "per-layer inputs recorded"):
+            originals = record_inputs(model, {n: todo[n][0] for n in rest}, calibration, _run_batch)
     for name in rest:
         if name in originals:  # fit the original layer's outputs from the inputs that the
             # already-compressed layers before it now produce: errors do not compound
-            from_stats(name, collect_paired(model, name, calibration, _run_batch, originals.pop(name)))
+            with phase(profile, "per-layer statistics"):
+                paired = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
+            from_stats(name, paired)
         elif whiten:
             from_stats(name, stats[name])
         else:

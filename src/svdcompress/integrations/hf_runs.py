@@ -12,6 +12,7 @@ from torch import nn
 
 from ..core.compress import compress_
 from ..core.config import SVDConfig
+from ..core.profile import Profile
 from ..core import dist
 from ..core.errors import ConfigError
 from ..core.files import check_destination
@@ -45,8 +46,8 @@ def load_hf(path: str | Path, dtype: str = "auto") -> nn.Module:
 
 def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str | None = None,
                 calib_sentences: int = 512, overwrite: bool = False, seq_len: int = 256,
-                calib_seqs: int = 128, device: str = "cpu",
-                dtype: str = "auto") -> tuple[CompressionReport, float]:
+                calib_seqs: int = 128, device: str = "cpu", dtype: str = "auto",
+                profile: Profile | None = None) -> tuple[CompressionReport, float]:
     """Load a local Hugging Face model (or a GGUF file), compress it and save it to ``out``;
     returns (report, seconds). Whitening calibrates an encoder on ``calib`` (one sentence a
     line) or on generated sentences, a causal LM on ``calib`` split into ``calib_seqs``
@@ -68,11 +69,12 @@ def compress_hf(path: str | Path, config: SVDConfig, out: str | Path, calib: str
             texts = read_texts(calib) if calib else calibration_sentences(calib_sentences)
             batches = text_batches(model, texts)
             what = calib or f"{calib_sentences} generated sentences"
-    report = compress_(model, config, batches, progress=True, device=device)
+    report = compress_(model, config, batches, progress=True, device=device, profile=profile)
     seconds = time.perf_counter() - t0
     if dist.is_main():  # under torchrun, rank 0 writes
         save(model, out, config=config, overwrite=overwrite, info=RunInfo(
-            source=str(Path(path).resolve()), compression=report.to_dict(), seconds=seconds,
+            source=str(Path(path).resolve()), seconds=seconds,
+            compression={**report.to_dict(), **({"profile": profile.to_dict()} if profile else {})},
             metrics=model_size(model), calibration=what))
     dist.barrier()
     return report, seconds

@@ -169,7 +169,7 @@ def calibration_batches(data: Dataset, n: int, batch_size: int = 128, seed: int 
 
 def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data=None,
                  calib_batches: int = 64, overwrite=False, progress=True,
-                 device=None) -> CompressionReport:
+                 device=None, profile=None) -> CompressionReport:
     """Load a run, compress it (calibrated on its training data for whitening), save to ``out``."""
     check_destination(out, overwrite=overwrite, sources=[source])
     dist.barrier()  # under torchrun: every process has checked OUT before rank 0 writes it
@@ -181,9 +181,10 @@ def compress_run(source: str | Path, config: SVDConfig, out: str | Path, *, data
         dataset = _matching(model, run_dataset(source, data))
     if config.needs_calibration:
         calib = calibration_batches(dataset, calib_batches)
-    report = compress_(model, config, calib, progress=progress, device=device)
+    report = compress_(model, config, calib, progress=progress, device=device, profile=profile)
     info = RunInfo(data=read_info(source).data if data is None else DataInfo(dataset.name),
-                   source=str(Path(source).resolve()), compression=report.to_dict(),
+                   source=str(Path(source).resolve()),
+                   compression={**report.to_dict(), **({"profile": profile.to_dict()} if profile else {})},
                    metrics=model_size(model),
                    calibration=f"{calib_batches} training batches of 128" if calib else None)
     if dist.is_main():  # under torchrun, rank 0 writes
