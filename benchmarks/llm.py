@@ -152,8 +152,11 @@ def run(args) -> dict:
                 and r.reason is not sc.KeepDense.OUTPUT_LAYER)
             total = sum(r.params_before for r in report.layers if r.kind == "linear"
                         and r.reason is not sc.KeepDense.OUTPUT_LAYER)
+            fits: dict = {}
+            for r in report.compressed:  # which fit each layer kept (plain, whiten, compensated...)
+                fits[r.fit] = fits.get(r.fit, 0) + 1
             row = {"ratio": ratio, "method": name, "compress_seconds": seconds,
-                   "block_linear_kept": kept / total, "peak_rss_bytes": mem.peak}
+                   "block_linear_kept": kept / total, "fits": fits, "peak_rss_bytes": mem.peak}
             if name in args.rows:
                 record({**row, **_ppl(score(model))})
             if name == "default" and "recovered" in args.rows:

@@ -116,3 +116,19 @@ def test_only_factors_and_what_train_also_names_are_trainable(compressed):
     names = {n for n, p in model.named_parameters() if id(p) in chosen}
     assert any(n.endswith(".u") for n in names) and any("norm" in n for n in names)
     assert not any("embed_tokens" in n for n in names)
+
+
+def test_a_few_training_sequences_are_scored_on_as_few_held_out_ones(compressed):
+    _, src, text, run = compressed
+    student, teacher = sc.load(run), load_causal_lm(src)
+    calls = []
+    real = recover_module.held_out_scores
+    recover_module.held_out_scores = lambda s, t, held, b: calls.append(len(held)) or real(s, t, held, b)
+    try:
+        recover_module.recover_lm(student, teacher, token_ids(student, text),
+                                  recover_module.LMTrainConfig(seq_len=16, max_sequences=18),
+                                  recover_module.Distill(1.0, 1.0),
+                                  progress=False)
+    finally:
+        recover_module.held_out_scores = real
+    assert calls == [2]  # ceil(18 / 9)

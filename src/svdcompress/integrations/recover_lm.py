@@ -133,8 +133,9 @@ def recover_lm(student: CausalLM, teacher: CausalLM, ids: torch.Tensor, cfg: LMT
     """Train ``student``'s factors toward ``teacher`` on the token stream ``ids``; one
     history row per epoch (train loss per token, held-out KL and perplexity, seconds)."""
     train, held = split_sequences(ids, cfg.seq_len)
-    if cfg.max_sequences is not None:
-        train = train[:cfg.max_sequences]
+    if cfg.max_sequences is not None and cfg.max_sequences < len(train):
+        train = train[:cfg.max_sequences]  # and one held-out sequence per nine trained on:
+        held = held[:math.ceil(len(train) / (HELD_OUT - 1))]  # scoring costs no more than that
     teacher.eval()
     params = trainable(student, cfg.train_also)
     opt = make_optimizer(params, cfg.lr)
