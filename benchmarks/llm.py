@@ -124,6 +124,13 @@ def run(args) -> dict:
         "rows": [],
     }
     out = Path(args.out)
+    if args.append and out.is_file():  # more rows for a file written with the same settings
+        before = json.loads(out.read_text())
+        if {k: v for k, v in before["settings"].items() if k != "load_seconds"} != \
+                {k: v for k, v in result["settings"].items() if k != "load_seconds"}:
+            raise SystemExit(f"{out} was written with other settings: {before['settings']}")
+        result["rows"], result["samples"] = before["rows"], before.get("samples", {})
+        result["runs"] = before.get("runs", 1) + 1
 
     def record(row):
         result["rows"].append(row)
@@ -224,6 +231,7 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="benchmarks/results/llm.json")
     p.add_argument("--render", action="store_true", help="print --out's results as a Markdown table")
+    p.add_argument("--append", action="store_true", help="add the rows to --out's (same settings)")
     args = p.parse_args()
     if args.render:
         print(table(json.loads(Path(args.out).read_text())))

@@ -28,12 +28,12 @@ from .integrations.bench import bench_run
 from .integrations.distill import EncoderTrainConfig, distill_encoder_run
 from .integrations.export import export_run
 from .integrations.hf_load import DTYPES
-from .integrations.hf_runs import compress_hf, eval_embeddings_run, eval_lm_run
-from .integrations.recover_lm import LMTrainConfig, recover_lm_run
+from .integrations.hf_runs import compress_hf
 from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
-from .cli_types import (Parser, UsageError, device, fraction, positive_float, positive_int,  # noqa: F401
+from .cli_hf import add_eval_commands, finetune_lm
+from .cli_types import (Parser, UsageError, or_default, device, fraction, positive_float, positive_int,  # noqa: F401
                         rank_list, suffixes_or_regex)
 
 
@@ -54,13 +54,10 @@ def cmd_info(args) -> None:
 
 def train_config(args, epochs: int = 20, batch_size: int = 128) -> TrainConfig:
     """The training settings of the command line, with these defaults where it has none."""
-    return TrainConfig(epochs=_or(args.epochs, epochs), lr=args.lr,
-                       batch_size=_or(args.batch_size, batch_size), seed=args.seed,
-                       device=args.device, schedule=_or(args.schedule, "constant"))
+    return TrainConfig(epochs=or_default(args.epochs, epochs), lr=args.lr,
+                       batch_size=or_default(args.batch_size, batch_size), seed=args.seed,
+                       device=args.device, schedule=or_default(args.schedule, "constant"))
 
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def cmd_train(args) -> None:
@@ -85,15 +82,15 @@ def cmd_finetune(args) -> None:
     arch = (read_meta(args.run).get("architecture") or {}).get("name")
     if arch == "hf-causal-lm":
         return finetune_lm(args)
-    distill = Distill(_or(args.temperature, 2.0), _or(args.alpha, 0.5),
+    distill = Distill(or_default(args.temperature, 2.0), or_default(args.alpha, 0.5),
                       args.embedding_loss) if args.distill else None
-    batch_size = _or(args.batch_size, 128)
+    batch_size = or_default(args.batch_size, 128)
     if arch == "hf-encoder":
         if distill is None:
             raise ConfigError("a sentence encoder is fine-tuned by distillation: add --distill")
         history = distill_encoder_run(
-            args.run, args.out, EncoderTrainConfig(_or(args.epochs, 5), args.lr, batch_size, args.seed,
-                                                _or(args.schedule, "constant")),
+            args.run, args.out, EncoderTrainConfig(or_default(args.epochs, 5), args.lr, batch_size, args.seed,
+                                                or_default(args.schedule, "constant")),
             distill, teacher=args.teacher, texts=args.calib, sentences=args.calib_sentences,
             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         print(f"saved {args.out}: held-out cosine to the teacher "
@@ -104,24 +101,6 @@ def cmd_finetune(args) -> None:
                                 progress=not args.quiet, distill=distill, teacher=args.teacher)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
-
-
-def finetune_lm(args) -> None:
-    """A causal LM: recovery training on --text, from the dense teacher with --distill (KL
-    at T = 1 mixed half and half with the next-token loss), else on the next tokens alone."""
-    if args.text is None:
-        raise UsageError("a causal LM is fine-tuned on running text: --text FILE")
-    distill = Distill(_or(args.temperature, 1.0), _or(args.alpha, 0.5)) if args.distill \
-        else Distill(1.0, 0.0)
-    cfg = LMTrainConfig(epochs=_or(args.epochs, 1), lr=args.lr, batch_size=_or(args.batch_size, 4),
-                        accumulate=args.accumulate, seq_len=args.seq_len, seed=args.seed,
-                        schedule=_or(args.schedule, "cosine"), max_sequences=args.max_sequences,
-                        train_also=args.train_also)
-    history = recover_lm_run(args.run, args.out, cfg, distill, text=args.text, teacher=args.teacher,
-                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    last = history[-1] if history else None
-    print(f"saved {args.out}: held-out perplexity {last['held_out_perplexity']:.3f}, KL to the "
-          f"teacher {last['held_out_kl']:.4f}" if last else f"saved {args.out}")
 
 
 def cmd_sweep(args) -> None:
@@ -169,20 +148,6 @@ def cmd_eval(args) -> None:
     m = eval_run(args.run, args.data)
     print(f"{args.run}: accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, "
           f"{m['params']:,} parameters, {m['bytes']:,} bytes ({m['data']} test split)")
-
-
-def cmd_eval_embeddings(args) -> None:
-    print(json.dumps(eval_embeddings_run(args.run, args.reference, args.texts, args.sentences),
-                     indent=2))
-
-
-def cmd_eval_lm(args) -> None:
-    m = eval_lm_run(args.run, args.reference, args.text, args.window, args.stride, args.max_tokens)
-    for name in ("compressed", "reference"):
-        r = m[name]
-        print(f"{name:>10}: perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens, "
-              f"{r['tokens_per_second']:.0f} tokens/s, {r['params']:,} parameters")
-    print(json.dumps(m, indent=2))
 
 
 def cmd_bench(args) -> None:
@@ -338,25 +303,7 @@ def build_parser() -> Parser:
                    help="encoder without --calib: generated sentences (default 512)")
     s.set_defaults(func=cmd_finetune)
 
-    s = sub.add_parser("eval-embeddings", help="a compressed encoder against its reference, without labels")
-    s.add_argument("run")
-    s.add_argument("--reference", required=True, help="the uncompressed model directory")
-    s.add_argument("--texts", help="a text file, one sentence per line (default: generated sentences)")
-    s.add_argument("--sentences", type=positive_int, default=3000,
-                   help="how many generated sentences (default 3000)")
-    s.set_defaults(func=cmd_eval_embeddings)
-
-    s = sub.add_parser("eval-lm", help="perplexity of a compressed causal LM and of its reference")
-    s.add_argument("run")
-    s.add_argument("--reference", required=True, help="the uncompressed model directory")
-    s.add_argument("--text", required=True, help="a UTF-8 text file to score")
-    s.add_argument("--window", type=positive_int, help="tokens per window (default 512, or the "
-                   "model's positions when it has fewer)")
-    s.add_argument("--stride", type=positive_int, help="tokens the window moves by; each token is "
-                   "scored once (default half the window; equal to --window: non-overlapping "
-                   "windows, as SVD-LLM's and GPTQ's evaluations)")
-    s.add_argument("--max-tokens", type=positive_int, help="score only the text's first N tokens")
-    s.set_defaults(func=cmd_eval_lm)
+    add_eval_commands(sub)
 
     s = sub.add_parser("bench", help="latency and throughput: the dense original against the compressed run")
     s.add_argument("run")

@@ -68,3 +68,8 @@ def device(text: str) -> str:
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def or_default(value, default):
+    """``value``, or ``default`` where the command line left it unset (None)."""
+    return default if value is None else value

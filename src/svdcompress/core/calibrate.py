@@ -147,10 +147,14 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
                   forward: Callable) -> dict[str, list[tuple[torch.Tensor, int]]]:
     """Each named module's input rows from one pass of ``model``, batch by batch (float32):
     (rows of every call in that batch's forward pass, in call order; the number of calls).
-    A module called several times per forward pass (shared, or reused) gets all its calls."""
+    A module called several times per forward pass (shared, or reused) gets all its calls.
+    The result lists the modules in the order they first run (not their definition order:
+    a Phi-3 block defines o_proj before the qkv_proj that runs first)."""
     rows: dict[str, list[list[torch.Tensor]]] = {name: [] for name in modules}
+    order: dict[str, None] = {}
 
     def hook(mod, args, name):
+        order.setdefault(name)
         rows[name][-1].append(layer_inputs(mod, args[0]).detach().float())
 
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
@@ -166,8 +170,8 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
         for h in handles:
             h.remove()
         model.train(was)
-    return {name: [(torch.cat(c) if c else torch.zeros(0, 0), len(c)) for c in calls]
-            for name, calls in rows.items()}
+    return {name: [(torch.cat(c) if c else torch.zeros(0, 0), len(c)) for c in rows[name]]
+            for name in [*order, *(n for n in rows if n not in order)]}
 
 
 @torch.no_grad()

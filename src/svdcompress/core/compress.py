@@ -337,6 +337,7 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
     if whiten and config.sequential and rest:  # the network's layer inputs, recorded once
         with phase(profile, "per-layer inputs recorded"):
             originals = record_inputs(model, {n: todo[n][0] for n in rest}, calibration, _run_batch)
+        rest = list(originals)  # in the order the layers run: each fitted after those before it
     for name in rest:
         if name in originals:  # fit the original layer's outputs from the inputs that the
             # already-compressed layers before it now produce: errors do not compound

@@ -1,0 +1,66 @@
+"""The command line's language-model and encoder commands: eval-embeddings, eval-lm, and
+finetune of a causal-LM run (recovery training). cli.py holds the parser and the rest."""
+
+from __future__ import annotations
+
+import json
+
+from .cli_types import UsageError, or_default, positive_int
+from .core.distill import Distill
+from .integrations.hf_runs import eval_embeddings_run, eval_lm_run
+from .integrations.recover_lm import LMTrainConfig, recover_lm_run
+
+
+def finetune_lm(args) -> None:
+    """A causal LM: recovery training on --text, from the dense teacher with --distill (KL
+    at T = 1 mixed half and half with the next-token loss), else on the next tokens alone."""
+    if args.text is None:
+        raise UsageError("a causal LM is fine-tuned on running text: --text FILE")
+    distill = Distill(or_default(args.temperature, 1.0), or_default(args.alpha, 0.5)) if args.distill \
+        else Distill(1.0, 0.0)
+    cfg = LMTrainConfig(epochs=or_default(args.epochs, 1), lr=args.lr, batch_size=or_default(args.batch_size, 4),
+                        accumulate=args.accumulate, seq_len=args.seq_len, seed=args.seed,
+                        schedule=or_default(args.schedule, "cosine"), max_sequences=args.max_sequences,
+                        train_also=args.train_also)
+    history = recover_lm_run(args.run, args.out, cfg, distill, text=args.text, teacher=args.teacher,
+                             resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    last = history[-1] if history else None
+    print(f"saved {args.out}: held-out perplexity {last['held_out_perplexity']:.3f}, KL to the "
+          f"teacher {last['held_out_kl']:.4f}" if last else f"saved {args.out}")
+
+
+def cmd_eval_embeddings(args) -> None:
+    print(json.dumps(eval_embeddings_run(args.run, args.reference, args.texts, args.sentences),
+                     indent=2))
+
+
+def cmd_eval_lm(args) -> None:
+    m = eval_lm_run(args.run, args.reference, args.text, args.window, args.stride, args.max_tokens)
+    for name in ("compressed", "reference"):
+        r = m[name]
+        print(f"{name:>10}: perplexity {r['perplexity']:.3f} on {r['tokens']:,} tokens, "
+              f"{r['tokens_per_second']:.0f} tokens/s, {r['params']:,} parameters")
+    print(json.dumps(m, indent=2))
+
+
+def add_eval_commands(sub) -> None:
+    s = sub.add_parser("eval-embeddings", help="a compressed encoder against its reference, without labels")
+    s.add_argument("run")
+    s.add_argument("--reference", required=True, help="the uncompressed model directory")
+    s.add_argument("--texts", help="a text file, one sentence per line (default: generated sentences)")
+    s.add_argument("--sentences", type=positive_int, default=3000,
+                   help="how many generated sentences (default 3000)")
+    s.set_defaults(func=cmd_eval_embeddings)
+
+    s = sub.add_parser("eval-lm", help="perplexity of a compressed causal LM and of its reference")
+    s.add_argument("run")
+    s.add_argument("--reference", required=True, help="the uncompressed model directory")
+    s.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    s.add_argument("--window", type=positive_int, help="tokens per window (default 512, or the "
+                   "model's positions when it has fewer)")
+    s.add_argument("--stride", type=positive_int, help="tokens the window moves by; each token is "
+                   "scored once (default half the window; equal to --window: non-overlapping "
+                   "windows, as SVD-LLM's and GPTQ's evaluations)")
+    s.add_argument("--max-tokens", type=positive_int, help="score only the text's first N tokens")
+    s.set_defaults(func=cmd_eval_lm)
+
