@@ -90,9 +90,17 @@ def build_causal_lm(spec: dict, directory: Path) -> CausalLM:
 
 def token_ids(model: CausalLM, text_file: str | Path) -> torch.Tensor:
     """A UTF-8 text file as one stream of token ids (its lines joined by newlines)."""
+    return ids_of(model, read_text(text_file))
+
+
+def read_text(text_file: str | Path) -> str:
+    """A UTF-8 text file's non-empty lines, joined by newlines (what token_ids reads)."""
+    return "\n".join(read_texts(text_file))
+
+
+def ids_of(model: CausalLM, text: str) -> torch.Tensor:
     if model.tokenizer is None:
         raise ConfigError("this model has no tokenizer: it cannot read text")
-    text = "\n".join(read_texts(text_file))
     return torch.tensor(model.tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
 
 
@@ -151,8 +159,9 @@ def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window
     check_positions(model.hf_config, window, "--window")
     stride = max(1, window // 2) if stride is None else stride
     ref = load_causal_lm(reference)
-    ids = token_ids(model, text)
-    check_reference(model, ref, "\n".join(read_texts(text)), run, reference)
+    raw = read_text(text)  # read once: scored, and checked against the reference's tokenizer
+    ids = ids_of(model, raw)
+    check_reference(model, ref, raw, run, reference)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     out = {"window": window, "stride": stride, "text": str(text)}

@@ -33,8 +33,7 @@ from ..core.errors import ConfigError
 from ..core.io import load, read_config, read_info, read_meta
 from ..core.kinds import low_rank_kind
 from ..core.runinfo import RunInfo
-from .causal_lm import CausalLM, load_causal_lm, token_ids
-from .hf import read_texts
+from .causal_lm import CausalLM, ids_of, load_causal_lm, read_text
 from .hf_load import check_positions, check_reference
 
 HELD_OUT = 10  # every 10th sequence scores the student, and is never trained on
@@ -196,9 +195,9 @@ def recover_lm_run(run: str | Path, out: str | Path, cfg: LMTrainConfig, distill
                           "with --teacher")
     teacher_model = load_causal_lm(teacher_path)
     teacher_model.to(next(student.parameters()).dtype)
-    raw = "\n".join(read_texts(text))
+    raw = read_text(text)  # read once
     check_reference(student, teacher_model, raw[:20_000], run, teacher_path)
-    ids = token_ids(student, text)
+    ids = ids_of(student, raw)
     context = {"source": str(Path(run).resolve()), "teacher": str(teacher_path.resolve()),
                "text": str(Path(text).resolve()), "text_tokens": len(ids), "distill": distill.to_dict(),
                "settings": {k: getattr(cfg, k) for k in ("accumulate", "seq_len", "max_sequences",
