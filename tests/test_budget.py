@@ -12,7 +12,7 @@ from torch import nn
 import svdcompress as sc
 from svdcompress.core.calibrate import Moments
 from svdcompress.core.factorize import split, svd, whitened_svd
-from svdcompress.core.fit import candidates, fit_layer, held_out_error
+from svdcompress.core.fit import candidates, fit_layer, held_out_error, scores
 from svdcompress.core.rank import allocate, saves_parameters
 
 
@@ -67,6 +67,67 @@ def test_the_fit_chosen_has_the_least_held_out_error_and_is_refitted_on_all_rows
     torch.testing.assert_close(dec.S, refit.S)
     # no selection: the compensated fit on all rows, as before
     assert fit_layer(w, 4, stats, 1e-2, select=False)[1].startswith("compensated")
+
+
+def layer_stats(width, sequential, seed, rows=20, batches=3, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    m = Moments()
+    for _ in range(batches):
+        x = inputs(rows, seed=int(torch.randint(10**6, (1,), generator=g)), width=width).double()
+        m.add(x + noise * torch.randn(rows, width, generator=g, dtype=torch.float64), x if sequential else None)
+    return m.stats()
+
+
+@pytest.mark.parametrize("shape", [(12, 16), (20, 9), (9, 9), (3, 16)])
+@pytest.mark.parametrize("sequential", [True, False])
+@pytest.mark.parametrize("shared_basis", [False, True])
+def test_fast_scores_equal_each_candidate_factorised_apart(shape, sequential, shared_basis):
+    """The candidates' held-out errors from one shared eigendecomposition (or, for a wide
+    layer whose input has none yet, from its output side) equal those of each candidate's
+    own full SVD (the reference), tall and wide layers, every rank."""
+    from svdcompress.core.fit import _basis
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    stats = layer_stats(shape[1], sequential, seed=sum(shape))
+    if shared_basis:  # as when a square layer fed the same input was fitted first
+        _basis(stats)
+    reference = candidates(w, sequential, 1e-2)
+    for rank in range(1, min(shape) + 1):
+        fast = scores(w, rank, stats, 1e-2)
+        assert fast.keys() == reference.keys()
+        for label, make in reference.items():
+            exact = held_out_error(w, *split(make(*stats.fit), rank), stats.held)
+            assert fast[label] == pytest.approx(exact, rel=1e-9, abs=1e-12), (label, rank)
+
+
+@pytest.mark.parametrize("seed", [*range(8), 18, 22, 30, "plain"])
+def test_the_fit_chosen_is_the_reference_choice(seed):
+    """On scarce and ample rows, parallel and sequential: the label fit_layer chooses is the
+    one whose own factorisation has the least held-out error, and its factors are that
+    candidate's refitted on all rows (float tolerance)."""
+    if seed == "plain":  # the held-out rows are unlike the fit rows: only plain SVD holds up
+        g = torch.Generator().manual_seed(5)
+        sequential, w, m = False, teacher(5)[2].weight.detach().double(), Moments()
+        for _ in range(4):
+            m.add(torch.cat([torch.randn(15, 4, generator=g, dtype=torch.float64) @
+                             torch.randn(4, 64, generator=g, dtype=torch.float64),
+                             torch.randn(5, 64, generator=g, dtype=torch.float64)]))
+        stats = m.stats()
+    else:
+        sequential, rows = seed % 2 == 0, (6, 40, 400)[seed % 3]
+        w = teacher(seed)[2].weight.detach().double()
+        stats = layer_stats(64, sequential, seed, rows=rows, batches=4, noise=0.05 * (seed % 4))
+    fits = candidates(w, sequential, 1e-2)
+    chosen = set()
+    for rank in (4, 16, 40):
+        exact = {k: held_out_error(w, *split(f(*stats.fit), rank), stats.held) for k, f in fits.items()}
+        dec, label = fit_layer(w, rank, stats, 1e-2)
+        assert label == min(exact, key=exact.get)
+        u, v = split(dec, rank)
+        ru, rv = split(fits[label](stats.gram, stats.cross), rank)
+        torch.testing.assert_close(u @ v, ru @ rv)
+        chosen.add(label)
+    if seed == "plain":
+        assert chosen == {"plain"}
 
 
 @pytest.mark.parametrize("sequential", [True, False])

@@ -201,3 +201,16 @@ def test_paired_statistics_match_direct_computation():
     y = torch.cat([torch.relu(compressed[0](b)) for b in batches]).double().detach()
     torch.testing.assert_close(gram, y.T @ y / 21)
     torch.testing.assert_close(cross, x.T @ y / 21, rtol=1e-5, atol=1e-6)
+
+
+def test_the_chain_check_runs_on_one_sample_of_a_uniform_batch():
+    from svdcompress.core.blockwise import _one_row
+    ids, mask = torch.zeros(4, 7, dtype=torch.long), torch.ones(4, 7)
+    one = _one_row({"input_ids": ids, "attention_mask": mask})
+    assert one["input_ids"].shape == (1, 7) and one["attention_mask"].shape == (1, 7)
+    assert _one_row((ids, mask))[0].shape == (1, 7) and _one_row(ids).shape == (1, 7)
+    odd = {"input_ids": ids, "extra": torch.zeros(3)}  # not one batch size: used whole
+    assert _one_row(odd) is odd
+    assert _one_row({"input_ids": ids, "flag": True})["input_ids"].shape == (4, 7)
+    single = torch.zeros(1, 5)
+    assert _one_row(single) is single

@@ -91,7 +91,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Cal
     when the blocks are not chained (a block's input is not the previous block's output),
     checked on the first batch. When all blocks get the same arguments, one partial forward
     pass per batch (to the first block); else one dense pass per batch records each block's."""
-    chain = _chained(model, blocks, batches[0], forward)
+    chain = _chained(model, blocks, _one_row(batches[0]), forward)
     if chain is None:
         return None
     calls: list = [None] * len(blocks)
@@ -133,6 +133,20 @@ def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a is b or a == b
+
+
+def _one_row(batch):
+    """The first sample of a batch whose inputs are all tensors of one batch size (a dict of
+    input_ids and attention_mask): whether blocks are chained does not depend on the batch,
+    and one sample is checked in a fraction of the time. Any other batch is used whole."""
+    items = list(batch.values()) if isinstance(batch, dict) else \
+        list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    if not items or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in items) or \
+            len({t.shape[0] for t in items}) != 1 or items[0].shape[0] < 2:
+        return batch
+    if isinstance(batch, dict):
+        return {k: t[:1] for k, t in batch.items()}
+    return type(batch)(t[:1] for t in batch) if isinstance(batch, (tuple, list)) else batch[:1]
 
 
 @torch.no_grad()
@@ -180,19 +194,24 @@ class Group:
 
 
 @torch.no_grad()
-def discover(block: nn.Module, names: list[str], stream: Stream, device, index: int = 0) -> list[Group]:
-    """Group the block's target layers by the tensor they are fed, in the order they run."""
+def discover(block: nn.Module, names: list[str], stream: Stream, device, index: int = 0
+             ) -> tuple[list[Group], list[list[torch.Tensor]], torch.Tensor]:
+    """Group the block's target layers by the tensor they are fed, in the order they run,
+    from one whole pass of the (dense) block on ``stream``; that pass's rows for each group
+    (as group_rows gives them) and the block's output come with the groups."""
     order: list[tuple[str, object]] = []
     keep = []  # hold the inputs so their ids stay unique during the pass
+    rows: dict[str, list[torch.Tensor]] = {}
 
     def seen(module, args, name):
         order.append((name, id(args[0])))
         keep.append(args[0])
+        rows.setdefault(name, []).append(dense_kind(module).inputs(module, args[0]).detach())
 
     handles = [block.get_submodule(n).register_forward_pre_hook(
         lambda m, a, n=n: seen(m, a, n)) for n in names]
     try:
-        stream.run(block, device, index=index)
+        out = stream.run(block, device, index=index)
     finally:
         for h in handles:
             h.remove()
@@ -208,15 +227,18 @@ def discover(block: nn.Module, names: list[str], stream: Stream, device, index: 
     missing = set(names) - set(first_input)
     if missing:  # never run in this block: nothing to calibrate them on
         raise RuntimeError(f"layers {sorted(missing)} did not run in their block")
-    return list(groups.values())
+    found = list(groups.values())
+    return found, [rows[g.names[0]] for g in found], out
 
 
 @torch.no_grad()
 def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hidden=None,
-               stop: bool = True, index: int = 0) -> list[list[torch.Tensor]]:
+               stop: bool = True, index: int = 0):
     """For each group, the rows its weight matrices multiply in each call of one batch's
-    pass; with ``stop`` the pass ends once the last group's calls are all seen."""
+    pass; with ``stop`` the pass ends once the last group's calls are all seen, without it
+    the whole block runs and (rows, the block's output) is returned: one pass gives both."""
     rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    out = None
     handles = []
     for k, group in enumerate(groups):
         layer = block.get_submodule(group.names[0])
@@ -227,13 +249,13 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(grab))
     try:
-        stream.run(block, device, hidden, index)
+        out = stream.run(block, device, hidden, index)
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
-    return rows
+    return rows if stop else (rows, out)
 
 
 @torch.no_grad()
@@ -257,39 +279,53 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
         block.to(device).eval()
         here = f"{prefix}.{i}."
         inside = [n[len(here):] for n in names if n.startswith(here)]
-        groups = discover(block, inside, original[0], device, i) if inside else []
+        groups, first = [], None
+        if inside:  # the groups, and the dense block's rows and output for the first batch
+            with phase(profile, "block passes (original stream)"):
+                groups, *first = discover(block, inside, original[0], device, i)
         if sequential:
             dense = copy.deepcopy(block)  # the original block, for the original stream
-            for group in groups:  # in run order: each fitted after those before it changed
+            # one pass of the original block per batch: every group's inputs (kept until the
+            # group is fitted) and the block's outputs (the original stream's next inputs)
+            kept = []
+            for j, s in enumerate(original):
+                with phase(profile, "block passes (original stream)"):
+                    rows_of, out = first if j == 0 and first else \
+                        group_rows(dense, groups, s, device, stop=False, index=i)
+                first = None
+                kept.append(rows_of)
+                original[j] = s.moved(out.to(s.hidden.device))
+            for k, group in enumerate(groups):  # in run order: each fitted after those before it changed
                 stats = Moments()
                 for j, s in enumerate(original):
-                    with phase(profile, "block passes (group inputs)"):
-                        xs, = group_rows(dense, [group], s, device, index=i)
+                    with phase(profile, "block passes (compressed stream)"):
                         ys, = group_rows(block, [group], s, device, compressed[j], index=i)
                     with phase(profile, "statistics"):
-                        for x, y in zip(xs, ys):  # call by call
+                        for x, y in zip(kept[j][k], ys):  # call by call
                             stats.add(y, x)
+                    kept[j][k] = None
                 with phase(profile, "statistics"):
                     stats = stats.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, stats)
-            with phase(profile, "block passes (propagation)"):
-                for j, s in enumerate(original):  # the outputs feed the next block
+            with phase(profile, "block passes (compressed stream)"):
+                for j, s in enumerate(original[:len(original) if i + 1 < len(blocks) else 0]):
+                    # the outputs feed the next block (after the last there is none)
                     compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
-                    original[j] = s.moved(s.run(dense, device, index=i).to(s.hidden.device))
-            del dense
+            del dense, kept
         else:
             stats = [Moments() for _ in groups]
-            for s in original:  # every group's rows from one pass of the dense block
-                with phase(profile, "block passes (group inputs)"):
-                    rows_of = group_rows(block, groups, s, device, stop=False, index=i)
+            for j, s in enumerate(original):  # every group's rows, and the block's outputs
+                # (the next block's inputs), from one pass of the dense block
+                with phase(profile, "block passes (original stream)"):
+                    rows_of, out = first if j == 0 and first else \
+                        group_rows(block, groups, s, device, stop=False, index=i)
+                first = None
+                original[j] = s.moved(out.to(s.hidden.device))
                 with phase(profile, "statistics"):
                     for m, calls in zip(stats, rows_of):
                         for rows in calls:
                             m.add(rows)
-            with phase(profile, "block passes (propagation)"):
-                for j, s in enumerate(original):  # propagate before the block changes
-                    original[j] = s.moved(s.run(block, device, index=i).to(s.hidden.device))
             for group, m in zip(groups, stats):
                 with phase(profile, "statistics"):
                     group_stats = m.stats(here + group.names[0])

@@ -7,7 +7,7 @@ Conv2d inputs are unfolded into the (in * kh * kw) patches the weight matrix mul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -53,6 +53,8 @@ class Stats:
     rows: int
     fit: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (gram, cross) of the fit rows
     held: tuple[torch.Tensor, torch.Tensor | None] | None = None  # ... and of the held-out rows
+    # what the fits of the layers fed these inputs share (fit.py: one eigendecomposition)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 class Moments:

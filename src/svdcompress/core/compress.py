@@ -278,15 +278,17 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
     in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}
     spectra = fixed is None and (config.spec.kind == "energy" or config.allocation != "uniform")
-    # per-layer path: statistics of every layer; block layers only when ranks need them
-    need = [(n, m) for n, m, _, _ in eligible if (whiten and n not in in_blocks) or spectra]
+    # statistics up front only where ranks need spectra, or for the per-layer path's parallel
+    # fits (its sequential fits collect their own, from the compressed network)
+    need = [(n, m) for n, m, _, _ in eligible
+            if (whiten and not config.sequential and n not in in_blocks) or spectra]
     with phase(profile, "per-layer statistics"):
         stats = collect(model, dict(need), calibration, _run_batch, progress) \
             if calibration is not None and need else {}
-    with phase(profile, "spectra (plain or parallel SVDs)"):
+    with phase(profile, "spectra (plain or parallel SVDs)"):  # a whitened fit is made at its rank
         decs = {n: _decompose(w if whiten or device is None else w.to(device),  # plain SVDs on device
                               stats.get(n) if whiten else None, config) for n, _, _, w in eligible
-                if not whiten or n in stats}
+                if not whiten or (spectra and n in stats)}
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     if fixed is not None:
         ranks = {n: fixed.get(n) for n in shapes}

@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 
 from .calibrate import Stats
-from .factorize import SVD, compensated_svd, split, svd, whitened_svd
+from .factorize import SVD, thin_svd, compensated_svd, split, svd, whitened_svd
 
 SHRINK = (1e-2, 1e-1, 1.0)  # ridge strengths of the compensation, x mean input energy
 STRONG_DAMPING = 1.0
-ROWS_PER_INPUT = 4  # fewer calibration rows than this many per input feature: warn
+ROWS_PER_INPUT = 4
+SKETCH_FROM = 256  # layers this large score a small rank's candidates by a randomized SVD  # fewer calibration rows than this many per input feature: warn
 
 
 def held_out_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -64,6 +65,142 @@ def default_fit(weight: torch.Tensor, stats: Stats, damping: float) -> tuple[SVD
     return compensated_svd(weight, stats.gram, stats.cross, damping), f"compensated shrink={damping:g}"
 
 
+class _Basis:
+    """What every candidate fit of every layer fed one input shares: the eigendecomposition
+    G_fit = Q diag(lam) Q^T of the fit rows' second moments, and the held-out moments in its
+    basis. In it each candidate is a diagonal change of coordinates: a whitening root of
+    G_fit + d*s*I is Q diag(sqrt(lam + d*s)), and a ridge inverse (G_fit + k*s*I)^-1 is
+    Q diag(1 / (lam + k*s)) Q^T, so one eigendecomposition serves all dampings and shrinks
+    (SVD-LLM V2 whitens through eigh of the Gram matrix too)."""
+
+    def __init__(self, stats: Stats) -> None:
+        gram, cross = (t.to(torch.float64) for t in (stats.fit[0], stats.fit[0] if stats.fit[1] is None
+                                                     else stats.fit[1]))
+        held_gram = stats.held[0].to(torch.float64)
+        held_cross = held_gram if stats.held[1] is None else stats.held[1].to(torch.float64)
+        self.scale = float(torch.diagonal(gram).mean())
+        lam, self.q = torch.linalg.eigh(gram)
+        self.lam = lam.clamp_min(0)
+        self.held = self.q.T @ held_gram @ self.q  # Q^T G_held Q
+        self.held_cross = held_cross @ self.q  # A_held Q: W A_held Q is each layer's
+        self.shift = None if stats.fit[1] is None else (cross - gram) @ self.q  # (A - G) Q
+
+    def root(self, damping: float) -> torch.Tensor:
+        return (self.lam + damping * self.scale).sqrt()
+
+
+def _basis(stats: Stats) -> _Basis:
+    if "basis" not in stats.cache:
+        stats.cache["basis"] = _Basis(stats)
+    return stats.cache["basis"]
+
+
+def _truncation_error(b: torch.Tensor, root: torch.Tensor, rank: int, basis: _Basis,
+                      y: torch.Tensor) -> float:
+    """held_out_error of the rank-D truncation of B = T Q diag(root) (a candidate's target T
+    whitened), W_D = [B]_D diag(1/root) Q^T, with N = diag(1/root) Q^T G_held Q diag(1/root)
+    and Y = W A_held Q diag(1/root):  sum_i s_i^2 v_i^T N v_i - 2 s_i u_i^T Y v_i  over the
+    top-D singular triplets (s_i, u_i, v_i) of B: exact, from the eigenvectors of B^T B or
+    B B^T, whichever is smaller (a third of an SVD's time); a small rank of a large layer
+    (under a quarter of SKETCH_FROM or more) from a randomized SVD, as the reference does."""
+    n = basis.held / root[:, None] / root[None, :]
+    y = y / root
+    m_rows, n_cols = b.shape
+    sketch = min(m_rows, n_cols) >= SKETCH_FROM and rank + 10 < min(m_rows, n_cols) // 4
+    if sketch or m_rows >= n_cols:
+        if sketch:
+            u, s, vh = thin_svd(b, rank)
+            u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+        else:  # right singular vectors: B^T B = V diag(s^2) V^T
+            evals, vecs = torch.linalg.eigh(b.T @ b)
+            v, s = vecs[:, -rank:], evals[-rank:].clamp_min(0).sqrt()
+            u = None
+        first = float((s * s * ((n @ v) * v).sum(0)).sum())
+        bu = b @ v if u is None else u * s  # B v_i = s_i u_i
+        second = float((bu * (y @ v)).sum())
+    else:  # left singular vectors U: W_D = U U^T B L^-1
+        u = torch.linalg.eigh(b @ b.T)[1][:, -rank:]
+        c = u.T @ b
+        first = float(((c @ n) * c).sum())
+        second = float(((u.T @ y) * c).sum())
+    return first - 2 * second
+
+
+def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dict[str, float] | None:
+    """held_out_error of every candidate's rank-D fit on the fit rows (the labels of
+    ``candidates``), exact, from one shared eigendecomposition per input (``_Basis``) and
+    one eigendecomposition of a Gram matrix of min(m, n) per candidate; None when the
+    inputs carry no energy or there is no damping (the reference path handles those). A
+    layer with fewer outputs than inputs whose input has no basis yet (a down projection,
+    alone in its group) is scored on its output side instead (``_output_side_scores``)."""
+    if not damping > 0:
+        return None
+    if "basis" not in stats.cache and weight.shape[0] < weight.shape[1]:
+        return _output_side_scores(weight, rank, stats, damping)
+    basis = _basis(stats)
+    if not basis.scale > 0:
+        return None
+    w = weight.detach().to(torch.float64)
+    wq, y = w @ basis.q, w @ basis.held_cross
+    root = basis.root(damping)
+    out = {"plain": (wq, torch.ones_like(root)), "whiten": (wq * root, root)}
+    if damping < STRONG_DAMPING:
+        strong = basis.root(STRONG_DAMPING)
+        out[f"whiten damping={STRONG_DAMPING:g}"] = (wq * strong, strong)
+    if basis.shift is not None:
+        shift = w @ basis.shift
+        for lam in SHRINK:  # T = W + W (A - G) (G + lam s I)^-1, whitened
+            out[f"compensated shrink={lam:g}"] = \
+                (wq * root + shift * (root / (basis.lam + lam * basis.scale)), root)
+    return {label: _truncation_error(b, r, rank, basis, y) for label, (b, r) in out.items()}
+
+
+def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float
+                        ) -> dict[str, float] | None:
+    """``scores`` of a wide layer (m outputs < n inputs) without any n x n eigendecomposition:
+    a candidate (target T, metric M) truncates to W_D = U U^T T, U the top-D eigenvectors of
+    T M T^T (m x m); its error is tr U^T (T G_h T^T - 2 W A_h T^T) U. With
+    S = W (A - G) (G + k s I)^-1 (one Cholesky solve per shrink k), T = W + S and
+    S G = W (A - G) - k s S, every m x m term comes from products of m x n matrices."""
+    f64 = torch.float64
+    gram = stats.fit[0].to(f64)
+    scale = float(torch.diagonal(gram).mean())
+    if not scale > 0:
+        return None
+    held = stats.held[0].to(f64)
+    held_cross = held if stats.held[1] is None else stats.held[1].to(f64)
+    w = weight.detach().to(f64)
+    w_a = w @ held_cross  # W A_h
+    base = {"ww": w @ w.T, "wgw": (w @ gram) @ w.T, "wgh": (w @ held) @ w.T, "wa": w_a @ w.T}
+
+    def error(k_mat: torch.Tensor, t_held_t: torch.Tensor, w_a_t: torch.Tensor) -> float:
+        u = torch.linalg.eigh(k_mat)[1][:, -rank:]
+        return float(((u.T @ t_held_t) * u.T).sum() - 2 * ((u.T @ w_a_t) * u.T).sum())
+
+    def metric(d: float) -> torch.Tensor:  # W (G + d s I) W^T
+        return base["wgw"] + d * scale * base["ww"]
+
+    out = {"plain": error(base["ww"], base["wgh"], base["wa"]),
+           "whiten": error(metric(damping), base["wgh"], base["wa"])}
+    if damping < STRONG_DAMPING:
+        out[f"whiten damping={STRONG_DAMPING:g}"] = error(metric(STRONG_DAMPING), base["wgh"], base["wa"])
+    if stats.fit[1] is not None:
+        r = w @ (stats.fit[1].to(f64) - gram)  # W (A - G), the compensation's numerator
+        eye = torch.eye(gram.shape[0], dtype=f64, device=gram.device)
+        rw = r @ w.T
+        for lam in SHRINK:
+            chol = torch.linalg.cholesky(gram + lam * scale * eye)
+            shift = torch.cholesky_solve(r.T, chol).T  # S = R (G + lam s I)^-1
+            sw, ss, rs = shift @ w.T, shift @ shift.T, r @ shift.T
+            sg_w, sg_s = rw - lam * scale * sw, rs - lam * scale * ss  # S G W^T, S G S^T
+            k_mat = metric(damping) + sg_w + sg_w.T + sg_s + damping * scale * (sw + sw.T + ss)
+            s_held = shift @ held  # S G_h
+            shw = s_held @ w.T
+            t_held_t = base["wgh"] + shw + shw.T + s_held @ shift.T
+            out[f"compensated shrink={lam:g}"] = error(k_mat, t_held_t, base["wa"] + w_a @ shift.T)
+    return out
+
+
 @torch.no_grad()
 def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: float,
               select: bool = True) -> tuple[SVD, str]:
@@ -77,11 +214,14 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     if not select or stats.fit is None or stats.held is None:
         return default_fit(weight, stats, damping)
     fits = candidates(weight, stats.cross is not None, damping)
-    fit_gram, fit_cross = stats.fit
-    scores = {}
-    for label, make in fits.items():
-        dec = make(fit_gram, fit_cross, top=rank)  # scored on its leading triplets only
-        u, v = split(dec, min(rank, dec.S.numel()))
-        scores[label] = held_out_error(weight, u, v, stats.held)
-    best = min(scores, key=lambda k: (scores[k], k != "plain"))  # a tie goes to plain
+    found = scores(weight, min(rank, *weight.shape), stats, damping)
+    if found is None:  # the reference: each candidate factorised apart, scored on its top rank
+        found = {}
+        fit_gram, fit_cross = stats.fit
+        for label, make in fits.items():
+            dec = make(fit_gram, fit_cross, top=rank)
+            found[label] = held_out_error(weight, *split(dec, min(rank, dec.S.numel())), stats.held)
+    least = min(found.values())
+    tied = [k for k, e in found.items() if e <= least + 1e-9 * abs(least)]  # round-off apart
+    best = "plain" if "plain" in tied else tied[0]  # a tie goes to plain
     return fits[best](stats.gram, stats.cross), best
