@@ -1,5 +1,6 @@
-"""The command line's language-model and encoder commands: eval-embeddings, eval-lm, and
-finetune of a causal-LM run (recovery training). cli.py holds the parser and the rest."""
+"""The command line's language-model and encoder commands: eval-embeddings, eval-lm,
+generate, and finetune of a causal-LM run (recovery training). cli.py holds the parser and
+the rest."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 from .cli_types import UsageError, or_default, positive_int
 from .core.distill import Distill
+from .integrations.causal_lm import generate_run
 from .integrations.hf_runs import eval_embeddings_run, eval_lm_run
 from .integrations.recover_lm import LMTrainConfig, recover_lm_run
 
@@ -43,7 +45,29 @@ def cmd_eval_lm(args) -> None:
     print(json.dumps(m, indent=2))
 
 
+def cmd_generate(args) -> None:
+    g = generate_run(args.run, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
+                     seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({k: v for k, v in g.items() if k != "tokens"}, indent=2))
+    else:
+        print(g["text"])
+
+
 def add_eval_commands(sub) -> None:
+    s = sub.add_parser("generate", help="continue a prompt with a causal-LM run (key-value cache)")
+    s.add_argument("run", help="a compressed causal-LM run (or a Hugging Face directory)")
+    s.add_argument("--prompt", required=True, help="the text to continue")
+    s.add_argument("--max-new-tokens", type=positive_int,
+                   help="default 64, or what the model's positions leave room for")
+    s.add_argument("--sample", action="store_true", help="draw tokens (default: greedy)")
+    s.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    s.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1)")
+    s.add_argument("--top-k", type=positive_int, help="with --sample: only the k likeliest tokens")
+    s.add_argument("--json", action="store_true", help="print the continuation, token count and "
+                   "seconds as JSON")
+    s.set_defaults(func=cmd_generate)
+
     s = sub.add_parser("eval-embeddings", help="a compressed encoder against its reference, without labels")
     s.add_argument("run")
     s.add_argument("--reference", required=True, help="the uncompressed model directory")

@@ -172,6 +172,55 @@ def eval_lm_run(run: str | Path, reference: str | Path, text: str | Path, window
     return out
 
 
+@torch.no_grad()
+def generate(model: CausalLM, prompt: str, max_new_tokens: int | None = None, sample: bool = False,
+             seed: int = 0, temperature: float = 1.0, top_k: int | None = None) -> dict:
+    """A continuation of ``prompt`` through the Hugging Face generation API with its
+    key-value cache: greedy by default; ``sample`` draws tokens (seeded: the same seed gives
+    the same text, whatever ran before); ``max_new_tokens`` defaults to 64, or fewer when
+    the model's positions leave less room. Returns the text, the continuation alone, the new
+    tokens' count and the seconds they took."""
+    ids = ids_of(model, prompt)
+    if ids.numel() == 0:
+        raise ConfigError("the prompt is empty after tokenisation: give some text")
+    if max_new_tokens is None:  # 64, or as many as the model's positions leave room for
+        known = positions(model.hf_config)
+        max_new_tokens = max(1, min(64, known[0] - ids.numel())) if known else 64
+    check_positions(model.hf_config, ids.numel() + max_new_tokens,
+                    f"the prompt ({ids.numel()} tokens) plus --max-new-tokens")
+    if sample and not (math.isfinite(temperature) and temperature > 0):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    options = dict(do_sample=True, temperature=temperature, top_k=top_k or 0) if sample else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            t = time.perf_counter()
+            out = model.model.generate(input_ids=ids[None].to(device), attention_mask=torch.ones_like(ids)[None].to(device),
+                                       max_new_tokens=max_new_tokens, pad_token_id=pad, **options)
+            seconds = time.perf_counter() - t
+    finally:
+        model.train(was)
+    new = out[0, ids.numel():].cpu()
+    return {"prompt": prompt, "continuation": tok.decode(new, skip_special_tokens=True),
+            "text": tok.decode(out[0].cpu(), skip_special_tokens=True), "new_tokens": int(new.numel()),
+            "tokens": new.tolist(), "seconds": seconds,
+            "tokens_per_second": new.numel() / seconds if seconds > 0 else float("inf")}
+
+
+def generate_run(run: str | Path, prompt: str, **options) -> dict:
+    """``generate`` on a saved causal-LM run (svdcompress.load), or a Hugging Face directory."""
+    model = load(run) if (Path(run) / "svdcompress.json").is_file() else load_causal_lm(run)
+    if not isinstance(model, CausalLM):
+        raise ConfigError(f"{run} is not a causal language model run")
+    return generate(model, prompt, **options)
+
+
 # Found by svdcompress.load through the entry point "hf-causal-lm" in pyproject.toml.
 ARCHITECTURE = Architecture("hf-causal-lm", lambda spec, directory: build_causal_lm(spec, directory),
                             copy_config, reads=HF_READS)
