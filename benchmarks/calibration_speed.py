@@ -169,7 +169,7 @@ def table(result: dict) -> str:
     order = {"smollm2": 0, "minilm": 1, "mlp": 2, "block7b": 3}
     rows = sorted(((r, label) for label, run in result["runs"].items() for r in run["rows"]),
                   key=lambda rl: (order[rl[0]["part"]], rl[0].get("calibration_sequences", 0),
-                                  rl[1] != "before", rl[0]["method"]))
+                                  rl[1] != "before", rl[0]["method"], rl[1]))
     for r, label in rows:
         if True:
             if r["part"] == "smollm2":
@@ -184,7 +184,8 @@ def table(result: dict) -> str:
                 quality = f"peak RSS {r['peak_rss_bytes'] / 2**30:.1f} GiB"
             lines.append(f"| {what} | {r['method']} | {label} | {r['seconds']:.0f} s | "
                          + " | ".join(_phase(r, c) for c in PHASES) + f" | {quality} |")
-    return "\n".join(lines)
+    notes = [f"{label}: {run['note']}" for label, run in result["runs"].items() if run.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main() -> None:
@@ -211,7 +212,8 @@ def main() -> None:
     for part in args.parts.split(","):
         rows = PARTS[part](args)
         run = result["runs"].setdefault(args.label, {"rows": []})
-        run["rows"] = [r for r in run["rows"] if r["part"] != part] + rows
+        key = lambda r: (r["part"], r.get("calibration_sequences"))  # noqa: E731
+        run["rows"] = [r for r in run["rows"] if key(r) not in {key(x) for x in rows}] + rows
         run.update(machine={"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                             "threads": args.threads, "torch": torch.__version__},
                    date=time.strftime("%Y-%m-%d"), svdcompress=str(Path(sc.__file__).parent))
