@@ -171,19 +171,18 @@ def table(result: dict) -> str:
                   key=lambda rl: (order[rl[0]["part"]], rl[0].get("calibration_sequences", 0),
                                   rl[1] != "before", rl[0]["method"], rl[1]))
     for r, label in rows:
-        if True:
-            if r["part"] == "smollm2":
-                what = f"SmolLM2-135M, {r['calibration_sequences']} x 512 tokens, 0.6 kept"
-                quality = f"perplexity {r['perplexity']:.2f}"
-            elif r["part"] == "minilm":
-                what, quality = "all-MiniLM-L6-v2, 0.5 kept", f"mean cosine {r['mean_cosine']:.4f}"
-            elif r["part"] == "mlp":
-                what, quality = "reference MLP (MNIST 5k), D = 20", f"accuracy {100 * r['accuracy']:.2f}%"
-            else:
-                what = "LLaMA-7B-shaped block (bfloat16), 32 x 512, 0.6 kept"
-                quality = f"peak RSS {r['peak_rss_bytes'] / 2**30:.1f} GiB"
-            lines.append(f"| {what} | {r['method']} | {label} | {r['seconds']:.0f} s | "
-                         + " | ".join(_phase(r, c) for c in PHASES) + f" | {quality} |")
+        if r["part"] == "smollm2":
+            what = f"SmolLM2-135M, {r['calibration_sequences']} x 512 tokens, 0.6 kept"
+            quality = f"perplexity {r['perplexity']:.2f}"
+        elif r["part"] == "minilm":
+            what, quality = "all-MiniLM-L6-v2, 0.5 kept", f"mean cosine {r['mean_cosine']:.4f}"
+        elif r["part"] == "mlp":
+            what, quality = "reference MLP (MNIST 5k), D = 20", f"accuracy {100 * r['accuracy']:.2f}%"
+        else:
+            what = "LLaMA-7B-shaped block (bfloat16), 32 x 512, 0.6 kept"
+            quality = f"peak RSS {r['peak_rss_bytes'] / 2**30:.1f} GiB"
+        lines.append(f"| {what} | {r['method']} | {label} | {r['seconds']:.0f} s | "
+                     + " | ".join(_phase(r, c) for c in PHASES) + f" | {quality} |")
     notes = [f"{label}: {run['note']}" for label, run in result["runs"].items() if run.get("note")]
     return "\n".join(lines + ([""] + notes if notes else []))
 

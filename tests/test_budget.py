@@ -284,3 +284,36 @@ def test_compression_does_not_depend_on_or_change_the_global_random_state():
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_a_small_rank_of_a_wide_layer_is_scored_by_a_randomized_svd_close_to_exact():
+    """Layers SKETCH_FROM wide or more at a small rank: the candidates' scores from a
+    randomized SVD (approximate, as the reference's were) are within 5e-3 of each one's
+    exact error, and the choice is the same."""
+    from svdcompress.core import fit as fit_module
+    width = fit_module.SKETCH_FROM
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(width, width, generator=g, dtype=torch.float64) * torch.logspace(0, -2, width)) @ \
+        torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))[0]
+    stats = layer_stats(width, True, seed=4, rows=400, batches=4)
+    rank = 8
+    assert rank + 10 < width // 4  # the randomized branch
+    fast = scores(w, rank, stats, 1e-2)
+    exact = {k: held_out_error(w, *split(f(*stats.fit), rank), stats.held)
+             for k, f in candidates(w, True, 1e-2).items()}
+    for label in exact:
+        assert fast[label] == pytest.approx(exact[label], rel=5e-3), label
+    assert min(fast, key=fast.get) == min(exact, key=exact.get)
+
+
+def test_sequential_per_layer_whitening_makes_no_unused_parallel_decompositions(monkeypatch):
+    """With fixed ranks, the per-layer path's sequential fits collect their own statistics:
+    no up-front parallel statistics or whitened SVDs are made (they were, and unused)."""
+    from svdcompress.core import compress as compress_module
+
+    def unused(*args, **kwargs):
+        raise AssertionError("a parallel decomposition was made and never used")
+    monkeypatch.setattr(compress_module, "_decompose", unused)
+    model = teacher(0)
+    sc.compress_(model, sc.SVDConfig(rank=6, method="whiten"), [inputs(64, seed=i) for i in range(4)])
+    assert sum(type(m).__name__.startswith("LowRank") for m in model.modules()) == 2

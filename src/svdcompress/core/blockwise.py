@@ -308,10 +308,10 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                     stats = stats.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, stats)
-            with phase(profile, "block passes (compressed stream)"):
-                for j, s in enumerate(original[:len(original) if i + 1 < len(blocks) else 0]):
-                    # the outputs feed the next block (after the last there is none)
-                    compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
+            if i + 1 < len(blocks):  # the outputs feed the next block (after the last, none)
+                with phase(profile, "block passes (compressed stream)"):
+                    for j, s in enumerate(original):
+                        compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)
             del dense, kept
         else:
             stats = [Moments() for _ in groups]

@@ -27,8 +27,8 @@ from .factorize import SVD, thin_svd, compensated_svd, split, svd, whitened_svd
 
 SHRINK = (1e-2, 1e-1, 1.0)  # ridge strengths of the compensation, x mean input energy
 STRONG_DAMPING = 1.0
-ROWS_PER_INPUT = 4
-SKETCH_FROM = 256  # layers this large score a small rank's candidates by a randomized SVD  # fewer calibration rows than this many per input feature: warn
+ROWS_PER_INPUT = 4  # fewer calibration rows than this many per input feature: warn
+SKETCH_FROM = 256  # layers this large score a small rank's candidates by a randomized SVD
 
 
 def held_out_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -101,8 +101,9 @@ def _truncation_error(b: torch.Tensor, root: torch.Tensor, rank: int, basis: _Ba
     whitened), W_D = [B]_D diag(1/root) Q^T, with N = diag(1/root) Q^T G_held Q diag(1/root)
     and Y = W A_held Q diag(1/root):  sum_i s_i^2 v_i^T N v_i - 2 s_i u_i^T Y v_i  over the
     top-D singular triplets (s_i, u_i, v_i) of B: exact, from the eigenvectors of B^T B or
-    B B^T, whichever is smaller (a third of an SVD's time); a small rank of a large layer
-    (under a quarter of SKETCH_FROM or more) from a randomized SVD, as the reference does."""
+    B B^T, whichever is smaller (a third of an SVD's time); for a layer SKETCH_FROM or more
+    wide at a rank under a quarter of its smaller side, from a randomized SVD, as the
+    reference does."""
     n = basis.held / root[:, None] / root[None, :]
     y = y / root
     m_rows, n_cols = b.shape

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.archs import Architecture
 from ..core.errors import ConfigError
-from ..core.io import load
+from ..core.io import META, load
 from .hf import HF_READS, copy_config, file_size, read_texts
 from .hf_load import (DTYPES, check_positions, check_reference, custom_code, from_config, gguf_source, load_gguf, load_config, load_pretrained,
                       load_tokenizer, positions, read_hf_config, transformers_lib)
@@ -215,7 +215,7 @@ def generate(model: CausalLM, prompt: str, max_new_tokens: int | None = None, sa
 
 def generate_run(run: str | Path, prompt: str, **options) -> dict:
     """``generate`` on a saved causal-LM run (svdcompress.load), or a Hugging Face directory."""
-    model = load(run) if (Path(run) / "svdcompress.json").is_file() else load_causal_lm(run)
+    model = load(run) if (Path(run) / META).is_file() else load_causal_lm(run)
     if not isinstance(model, CausalLM):
         raise ConfigError(f"{run} is not a causal language model run")
     return generate(model, prompt, **options)
