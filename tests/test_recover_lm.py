@@ -132,3 +132,36 @@ def test_a_few_training_sequences_are_scored_on_as_few_held_out_ones(compressed)
     finally:
         recover_module.held_out_scores = real
     assert calls == [2]  # ceil(18 / 9)
+
+
+def test_alternating_factors_train_u_then_v(compressed, tmp_path, capsys, monkeypatch):
+    """--factors alternate (SVD-LLM's order): the first half of the optimiser steps moves only
+    the output factors u, the second half only the input factors v (the phase is a function
+    of the step's position, so a resumed run keeps it), and two runs end alike."""
+    _, _, text, run = compressed
+    original = load_file(run / "model.safetensors")
+    argv = ["finetune", run, "--distill", "--text", text, "--factors", "alternate", *ARGS]
+    assert cli(capsys, *argv, "--epochs", 2, "--out", tmp_path / "half", "--max-sequences", 8)[0] == 0
+    # 2 epochs of 1 step each (8 sequences, 4 x 2 per step): epoch 1 is u's, epoch 2 is v's
+    whole = load_file(tmp_path / "half" / "model.safetensors")
+    real = recover_module.save_checkpoint
+    first = {}
+
+    def keep_first(*args, **kwargs):
+        real(*args, **kwargs)
+        if args[3] == 1:
+            first.update({k: v.detach().clone() for k, v in args[1].state_dict().items()})
+    monkeypatch.setattr(recover_module, "save_checkpoint", keep_first)
+    assert cli(capsys, *argv, "--epochs", 2, "--out", tmp_path / "again", "--max-sequences", 8)[0] == 0
+    names = [k for k in original if k.endswith((".u", ".v"))]
+    assert names
+    for key in names:
+        state_key = next(k for k in first if k.endswith(key.split("model.", 1)[-1]) or k == key)
+        moved_first = not torch.equal(first[state_key], original[key])
+        assert moved_first == key.endswith(".u"), key  # after epoch 1: u moved, v did not
+        moved_second = not torch.equal(whole[key], first[state_key])
+        assert moved_second == key.endswith(".v"), key  # epoch 2 moved v only
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(again[k], whole[k]) for k in whole)  # deterministic
+    with pytest.raises(ValueError, match="factors"):
+        recover_module.LMTrainConfig(factors="u")

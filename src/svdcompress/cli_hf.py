@@ -23,7 +23,7 @@ def finetune_lm(args) -> None:
     cfg = LMTrainConfig(epochs=or_default(args.epochs, 1), lr=args.lr, batch_size=or_default(args.batch_size, 4),
                         accumulate=args.accumulate, seq_len=args.seq_len, seed=args.seed,
                         schedule=or_default(args.schedule, "cosine"), max_sequences=args.max_sequences,
-                        train_also=args.train_also)
+                        train_also=args.train_also, factors=args.factors)
     history = recover_lm_run(args.run, args.out, cfg, distill, text=args.text, teacher=args.teacher,
                              resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     last = history[-1] if history else None

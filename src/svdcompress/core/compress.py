@@ -23,6 +23,7 @@ from .kinds import LayerKind
 from .rank import (allocate, allocate_ranks, choose_rank, factorized_params, round_rank,
                    saves_parameters, tail_losses, truncation_error)
 from .sensitivity import OutputDistance, sensitivity
+from .speed import SPEED_FOR, fastest_rank, measured_speedup
 from .report import CompressionReport, KeepDense, LayerReport
 from .swap import candidate_modules, output_layer_name, replace_module, shared_weights
 
@@ -65,12 +66,20 @@ def _shape_of(module: nn.Module) -> tuple[int, int]:
     return (w.shape[0], w[0].numel()) if w.dim() >= 2 else (w.numel(), 1)
 
 
-def _keep_dense(rank, shape, config: SVDConfig) -> tuple[KeepDense | None, str]:
+def _keep_dense(rank, shape, config: SVDConfig, weight=None) -> tuple[KeepDense | None, str]:
     """Why this layer stays dense at this rank, with the numbers (None: factorise it)."""
     if rank is None:
         return KeepDense.BY_ALLOCATION, ""
     if not saves_parameters(rank, shape):
         return KeepDense.NO_SAVING, f"rank {rank}"
+    if config.speed_for is not None:  # measured on this machine (core.speed)
+        rows = SPEED_FOR[config.speed_for]
+        where = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
+        speedup = measured_speedup(shape, rank, rows, **where)
+        if speedup < (config.min_speedup or 1.0):
+            return KeepDense.NOT_FASTER, (f"measured at {speedup:.2f}x the dense layer's speed on "
+                                          f"{rows} row(s), below {config.min_speedup or 1.0}x")
+        return None, ""
     speedup = shape[0] * shape[1] / factorized_params(rank, shape)
     if config.min_speedup and speedup < config.min_speedup:
         return KeepDense.NOT_FASTER, f"{speedup:.2f}x fewer multiply-adds < {config.min_speedup}"
@@ -307,7 +316,9 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         rank, shape = ranks[name], shapes[name]
         if rank is not None and config.round_to:
             rank = round_rank(rank, config.round_to, shape)
-        reason, detail = _keep_dense(rank, shape, config)
+        elif rank is not None and config.speed_for is not None and saves_parameters(rank, shape):
+            rank = fastest_rank(shape, rank, SPEED_FOR[config.speed_for], matrix.dtype, matrix.device)
+        reason, detail = _keep_dense(rank, shape, config, matrix)
         if reason is not None:
             report.layers.append(_dense_report(name, module, kind.name, shape, reason, detail, counted))
         else:

@@ -92,14 +92,24 @@ def benchmark(model: nn.Module, batches=(1, 32, 256), threads: int | None = None
             "rows": rows}
 
 
-def bench_run(run: str | Path, batches=(1, 32, 256), threads: int | None = None,
-              repeats: int = 30, out: str | Path | None = None,
-              overwrite: bool = False) -> tuple[dict, Path]:
-    """Benchmark a saved run against its dense original; the figures go to ``out`` (JSON)."""
+def bench_run(run: str | Path, batches=None, threads: int | None = None,
+              repeats: int | None = None, out: str | Path | None = None,
+              overwrite: bool = False, prompt_tokens: int = 512, new_tokens: int = 128) -> tuple[dict, Path]:
+    """Benchmark a saved run against its dense original; the figures go to ``out`` (JSON).
+    A causal language model is timed generating (bench_lm: prefill of ``prompt_tokens``,
+    ``new_tokens`` decode steps; batches 1 and 8, 3 repeats by default); any other model
+    on its example inputs (batches 1, 32 and 256, 30 repeats)."""
     if threads is not None and threads < 1:
         raise ConfigError("threads must be at least 1")
     out = Path(out) if out is not None else Path(run) / "bench.json"
     check_output_file(out, overwrite=overwrite, run=run)
-    result = {"run": str(run), **benchmark(load(run), batches, threads, repeats)}
+    model = load(run)
+    if getattr(model, "arch_spec", None) and model.arch_spec().get("name") == "hf-causal-lm":
+        from .bench_lm import lm_benchmark
+        figures = lm_benchmark(model, batches or (1, 8), prompt_tokens, new_tokens,
+                               repeats or 3, threads=threads)
+    else:
+        figures = benchmark(model, batches or (1, 32, 256), threads, repeats or 30)
+    result = {"run": str(run), **figures}
     write_json(out, result)
     return result, out

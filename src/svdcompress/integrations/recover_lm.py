@@ -37,6 +37,9 @@ from .causal_lm import CausalLM, ids_of, load_causal_lm, read_text
 from .hf_load import check_positions, check_reference
 
 HELD_OUT = 10  # every 10th sequence scores the student, and is never trained on
+# "both": u and v train together at every step; "alternate": SVD-LLM's sequential update, the
+# output factors u (v frozen) for the first half of the optimiser steps, then v (u frozen)
+FACTORS = ("both", "alternate")
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ class LMTrainConfig:
     schedule: str = "cosine"
     max_sequences: int | None = None
     train_also: str | None = None
+    factors: str = "both"
 
     def __post_init__(self) -> None:
         check_schedule(self)
+        if self.factors not in FACTORS:
+            raise ConfigError(f"factors must be one of {', '.join(FACTORS)}, got {self.factors!r}")
         for name in ("batch_size", "accumulate", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -84,6 +90,16 @@ def trainable(model: torch.nn.Module, train_also: str | None) -> list[torch.nn.P
         raise ConfigError("nothing to train: the model has no low-rank layers and --train-also "
                           "names no parameter")
     return chosen
+
+
+def _factor_phases(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The low-rank layers' output factors (u) and input factors (v)."""
+    us, vs = [], []
+    for m in model.modules():
+        if low_rank_kind(m) is not None:
+            us.append(m.u)
+            vs.append(m.v)
+    return us, vs
 
 
 def split_sequences(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +159,7 @@ def recover_lm(student: CausalLM, teacher: CausalLM, ids: torch.Tensor, cfg: LMT
         start, history = load_checkpoint(Path(resume), student, opt, cfg, context)
     per_step = cfg.batch_size * cfg.accumulate
     steps = math.ceil(len(train) / per_step)
+    us, vs = _factor_phases(student) if cfg.factors == "alternate" else ([], [])
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         student.eval()  # dropout off
@@ -152,6 +169,12 @@ def recover_lm(student: CausalLM, teacher: CausalLM, ids: torch.Tensor, cfg: LMT
                    leave=False, mininterval=1.0)
         for step in bar:
             set_lr(opt, cfg, epoch, step, steps)
+            if us:  # SVD-LLM's order: u first, then v, by position (a resumed run matches)
+                second = 2 * (epoch * steps + step) >= cfg.epochs * steps
+                for p in us:
+                    p.requires_grad_(not second)
+                for p in vs:
+                    p.requires_grad_(second)
             rows = perm[step * per_step:(step + 1) * per_step]
             n_tokens = rows.numel() * (cfg.seq_len - 1)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,96 @@
+"""Measured speed of a layer shape, dense against factorised, for the inputs it will serve.
+
+A multiply-add count says a rank-D layer costs D (m + n) / (m n) of the dense one; on real
+hardware two thin matmuls are slower than that, and at one token (decoding) a small layer's
+time is mostly fixed overhead. ``SVDConfig(speed_for="decode" | "prefill")`` times every
+distinct (shape, rank, dtype, device) once, dense ``x W^T`` against ``(x v^T) u^T`` on random
+inputs of the rows the model will see (decode: 1 row; prefill: PREFILL_ROWS), and keeps a
+layer dense unless its factorised form is measured ``min_speedup`` times faster (default 1:
+never slower). Ranks are rounded up to the fastest of a few aligned sizes (8, 16, 32, 64),
+where that is measurably faster and adds at most ROUND_LIMIT of the rank.
+
+Timings are the median of repeats after warm-up, each repeat long enough to read on a
+coarse clock, and cached for the process (a shape is timed once per compression, however
+many layers have it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+SPEED_FOR = {"decode": 1, "prefill": 512}  # rows of the input each layer is timed on
+PREFILL_ROWS = SPEED_FOR["prefill"]
+ALIGNMENTS = (8, 16, 32, 64)
+ROUND_LIMIT = 0.125  # a rounded rank adds at most this share of the rank
+FASTER = 0.97  # a rounded rank must take at most this share of the unrounded one's time
+_cache: dict[tuple, float] = {}
+
+
+def _seconds(fn, min_time: float = 2e-3, repeats: int = 7) -> float:
+    """Median seconds of one call of ``fn``, each repeat timing enough calls to last ``min_time``."""
+    fn()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < min_time / 4 or n < 1:
+        fn()
+        n += 1
+    per = max((time.perf_counter() - t0) / n, 1e-9)
+    calls = max(1, int(min_time / per))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def layer_seconds(shape: tuple[int, int], rank: int | None, rows: int, dtype=torch.float32,
+                  device="cpu") -> float:
+    """Seconds of one product of a (rows x n) input with an (m x n) layer: dense when ``rank``
+    is None, else through its factors (m x rank) and (rank x n). Cached per process."""
+    device = torch.device(device)
+    key = (tuple(shape), rank, rows, str(dtype), str(device), torch.get_num_threads())
+    if key not in _cache:
+        m, n = shape
+        g = torch.Generator().manual_seed(0)
+        make = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+        x = make(rows, n)
+        if rank is None:
+            w = make(m, n)
+            fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+        else:
+            u, v = make(m, rank), make(rank, n)
+            fn = lambda: torch.nn.functional.linear(torch.nn.functional.linear(x, v), u)  # noqa: E731
+        if device.type == "cuda":
+            def timed(fn=fn):
+                fn()
+                torch.cuda.synchronize(device)
+            fn = timed
+        with torch.inference_mode():
+            _cache[key] = _seconds(fn)
+    return _cache[key]
+
+
+def measured_speedup(shape, rank: int, rows: int, dtype=torch.float32, device="cpu") -> float:
+    """Dense time over factorised time of the layer shape at ``rank``."""
+    return layer_seconds(shape, None, rows, dtype, device) / layer_seconds(shape, rank, rows, dtype, device)
+
+
+def fastest_rank(shape, rank: int, rows: int, dtype=torch.float32, device="cpu") -> int:
+    """``rank``, or a rank rounded up to an aligned size when that is measurably faster (by
+    1 - FASTER) and adds at most ROUND_LIMIT of ``rank``; never to a rank whose factors would
+    hold as many parameters as the dense weight."""
+    m, n = shape
+    best, best_time = rank, layer_seconds(shape, rank, rows, dtype, device)
+    saving = (m * n - 1) // (m + n)  # the largest rank with D (m + n) < m n
+    limit = min(saving, int(rank * (1 + ROUND_LIMIT)))
+    for a in ALIGNMENTS:
+        r = -(-rank // a) * a
+        if rank < r <= limit:
+            t = layer_seconds(shape, r, rows, dtype, device)
+            if t < FASTER * best_time:
+                best, best_time = r, t
+    return best

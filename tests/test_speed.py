@@ -1,0 +1,73 @@
+"""Measured speed decides which layers to factorise (SVDConfig(speed_for=...), core/speed.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+import svdcompress as sc
+from svdcompress.cli import main
+from svdcompress.core import speed
+
+
+def test_a_layer_whose_factors_are_slower_stays_dense_with_the_measurement():
+    # 64 x 64 at rank 31 saves a few parameters (31 * 128 < 64 * 64), but at one row two
+    # matmuls cost about twice one: certainly slower than the dense layer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 2))
+    report = sc.compress_(model, sc.SVDConfig(rank=31, speed_for="decode"))
+    assert not report.compressed
+    kept = [r for r in report.layers if r.name in ("0", "1")]
+    assert all(r.reason is sc.KeepDense.NOT_FASTER and "measured" in r.detail for r in kept)
+    assert type(model[0]) is nn.Linear
+    assert speed.measured_speedup((64, 64), 31, 1) < 1
+
+
+def test_a_layer_whose_factors_are_much_faster_is_factorised():
+    # 1024 x 1024 at rank 8 on 512 rows: 64x fewer multiply-adds, certainly faster
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 2))
+    report = sc.compress_(model, sc.SVDConfig(rank=8, speed_for="prefill"))
+    assert [r.name for r in report.compressed] == ["0"] and model[0].rank == 8
+    assert speed.measured_speedup((1024, 1024), 8, speed.PREFILL_ROWS) > 2
+
+
+def test_ranks_round_up_only_where_the_timer_says_it_pays(monkeypatch):
+    times = {None: 10.0, 20: 4.0, 22: 4.0, 24: 3.0, 32: 2.0, 64: 1.0}
+    monkeypatch.setattr(speed, "layer_seconds", lambda shape, rank, *a, **k: times[rank])
+    # 24 is within 1/8 of 22 and faster; 32 and 64 add too much
+    assert speed.fastest_rank((256, 256), 22, 1) == 24
+    assert speed.fastest_rank((256, 256), 20, 1) == 20  # 24 is more than 1/8 above 20
+    times[24] = 3.95  # not measurably faster (above 0.97 of 4.0)
+    assert speed.fastest_rank((256, 256), 22, 1) == 22
+    assert speed.fastest_rank((256, 22), 20, 1) == 20  # 24 x (256 + 22) would not save parameters
+    times.update({60: 5.0})
+    assert speed.fastest_rank((256, 256), 60, 1) == 64  # 64 <= 60 * 1.125 and faster
+
+
+def test_measured_mode_rounds_ranks_in_the_report(monkeypatch):
+    monkeypatch.setattr(speed, "layer_seconds", lambda shape, rank, *a, **k: 1.0 if rank is None
+                        else (0.1 if rank % 8 == 0 else 0.5))
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 2))
+    report = sc.compress_(model, sc.SVDConfig(rank=30, speed_for="decode"))
+    assert model[0].rank == 32 and report.compressed[0].rank == 32
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 2))  # round_to wins over the timer
+    sc.compress_(model, sc.SVDConfig(rank=30, speed_for="decode", round_to=4))
+    assert model[0].rank == 32  # 30 rounded up to a multiple of 4
+
+
+def test_a_cached_timing_is_not_measured_twice(monkeypatch):
+    speed._cache.clear()
+    calls = []
+    real = speed._seconds
+    monkeypatch.setattr(speed, "_seconds", lambda fn: calls.append(1) or real(fn, min_time=1e-4, repeats=2))
+    speed.layer_seconds((16, 16), 4, 1)
+    speed.layer_seconds((16, 16), 4, 1)
+    speed.layer_seconds((16, 16), None, 1)
+    assert len(calls) == 2
+
+
+def test_speed_for_is_validated_and_reaches_the_cli(tmp_path, capsys):
+    with pytest.raises(ValueError, match="speed_for"):
+        sc.SVDConfig(rank=2, speed_for="fast")
+    assert main(["compress", "x", "--rank", "2", "--speed-for", "fast", "--out", str(tmp_path / "o")]) == 2
+    assert "invalid choice" in capsys.readouterr().err
