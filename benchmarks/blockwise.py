@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 SHAPES = {
     "gpt2-small": dict(family="gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=50257,
@@ -127,10 +128,10 @@ def main() -> None:
               f"{boundary / 2**20:.0f} MiB; {r['whiten_seconds']:.0f} s against a budget of "
               f"{budget:.0f} s (3 x plain + 2 forward passes)", flush=True)
     results = {**{k: v for k, v in old.items() if k not in results}, **results}
-    write_json(args.out, {"benchmark": "blockwise", "seqs": args.seqs, "tokens": args.tokens,
+    write_json(args.out, stamp({"benchmark": "blockwise", "seqs": args.seqs, "tokens": args.tokens,
                           "ratio": args.ratio, "device": args.device,
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "gpu": "not measured: no GPU was lent to this task", "models": results})
+                          "gpu": "not measured: no GPU was lent to this task", "models": results}))
     print(f"wrote {args.out}")
 
 

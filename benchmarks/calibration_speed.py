@@ -42,6 +42,7 @@ import svdcompress as sc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm import PeakRSS, _rss, package_dir, wikipedia  # noqa: E402
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 try:  # the phases of a compression (absent from checkouts older than compress --profile)
     from svdcompress.core.profile import Profile
@@ -217,7 +218,7 @@ def main() -> None:
                             "threads": args.threads, "torch": torch.__version__},
                    date=time.strftime("%Y-%m-%d"), svdcompress=str(Path(sc.__file__).parent))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        out.write_text(json.dumps(stamp(result), indent=1))
     print(f"wrote {out}")
 
 

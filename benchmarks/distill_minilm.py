@@ -24,6 +24,7 @@ from svdcompress.core.files import write_json
 from svdcompress.integrations.distill import EncoderTrainConfig, distill_encoder
 from svdcompress.integrations.hf import (calibration_sentences, compare_embeddings, load_encoder,
                                          synthetic_sentences, text_batches)
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
               "device": "cpu", "threads": torch.get_num_threads(), "config": config.to_dict(),
               "train_sentences": len(train_texts), "eval_sentences": len(texts), "lr": args.lr,
               "distill": Distill().to_dict(), "compress_seconds": compress_seconds, "rows": rows}
-    write_json(Path(args.out), result)
+    write_json(Path(args.out), stamp(result))
     print(f"wrote {args.out}")
 
 

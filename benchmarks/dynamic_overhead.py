@@ -36,6 +36,7 @@ from svdcompress.study.data import FASHION_DIR, load_dataset
 from svdcompress.core.projection import ProjectedLinear
 from svdcompress.core.projection import projection_error
 from svdcompress.study.train import TrainConfig, evaluate, make_optimizer, train
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 
 def make_stepper(model, data, lr, batch, seed):
@@ -152,7 +153,7 @@ def main() -> None:
     acc = result["rank_d_accuracy"]
     result["subspace_minus_exact_accuracy_points"] = 100 * (acc["subspace"] - acc["exact"])
     out = Path(args.out)
-    write_json(out, result)
+    write_json(out, stamp(result))
     print(json.dumps({k: result[k] for k in ("ratio_to_plain", "subspace_ratio_with_refresh_amortised",
                                              "rank_d_accuracy")}, indent=2))
     print(f"wrote {out}")

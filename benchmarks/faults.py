@@ -33,6 +33,7 @@ from benchmarks import faults_hf
 from svdcompress.cli import main
 from svdcompress.core.files import write_json
 from svdcompress.study.data import write_idx
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 TINY = ["--width", "24", "--depth", "2", "--quiet", "--batch-size", "32", "--device", "cpu"]
 ODD_VALUES = [None, -1, 0, 1, 2.5, 10 ** 12, "", "x", "linear", [], [1, "a"], {}, {"name": 3}, True]
@@ -284,7 +285,7 @@ def cli_main() -> None:
                "other_failures": failures(result) - sum(
                    c.get(k, 0) for c in result.values() for k in ("traceback", "silent change", "half-written")),
                "seconds": time.perf_counter() - t0, "results": result}
-    write_json(args.out, summary)
+    write_json(args.out, stamp(summary))
     print(f"{summary['tried']} cases: {summary['tracebacks']} tracebacks, {summary['silent_changes']} "
           f"silent changes, {summary['half_written']} half-written directories; wrote {args.out}")
 

@@ -24,6 +24,7 @@ import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.integrations.causal_lm import CausalLM, perplexity, token_ids
 from svdcompress.integrations.hf_runs import compress_hf, load_hf
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 FORTUNES = Path("/usr/share/games/fortunes")
 RATIOS = (0.9, 0.7, 0.5)
@@ -114,11 +115,11 @@ def main() -> None:
                              "params": sum(q.numel() for q in sc.load(out).parameters())})
                 print(f"ratio {ratio} {method:>6}: perplexity {m['perplexity']:.2f} "
                       f"(compressed in {seconds:.1f} s)", flush=True)
-    write_json(args.out, {"benchmark": "gpt2_fortunes", "data": str(FORTUNES),
+    write_json(args.out, stamp({"benchmark": "gpt2_fortunes", "data": str(FORTUNES),
                           "train_fortunes": len(train_text), "test_fortunes": len(test_text),
                           "training": training, "uncompressed": base, "rows": rows,
                           "calibration": f"{args.calib_seqs} sequences of {args.seq} tokens of training text",
-                          "threads": torch.get_num_threads(), "torch": torch.__version__})
+                          "threads": torch.get_num_threads(), "torch": torch.__version__}))
     print(f"wrote {args.out}")
 
 

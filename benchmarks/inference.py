@@ -22,6 +22,7 @@ from svdcompress.study import MLP
 from svdcompress.integrations.bench import benchmark
 from svdcompress.core.files import write_json
 from svdcompress.study.report import finish, subplots
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 RANKS = (10, 20, 50, 100, 200)
 BATCHES = (1, 32, 256)
@@ -53,10 +54,10 @@ def main() -> None:
                   f"(multiply-adds {r['flop_ratio']:5.1f}x), file {nbytes:,} bytes "
                   f"({nbytes / (4 * params):.4f} of params x 4)", flush=True)
     dense_bytes = 4 * sum(q.numel() for q in base.parameters())
-    write_json(args.out, {"benchmark": "inference", "device": "cpu", "threads": torch.get_num_threads(),
+    write_json(args.out, stamp({"benchmark": "inference", "device": "cpu", "threads": torch.get_num_threads(),
                           "repeats": args.repeats, "torch": torch.__version__,
                           "gpu": "not measured: no GPU was lent to this task",
-                          "dense_param_bytes": dense_bytes, "rows": rows})
+                          "dense_param_bytes": dense_bytes, "rows": rows}))
     fig, ax = subplots()
     for batch in BATCHES:
         sel = [r for r in rows if r["batch"] == batch]

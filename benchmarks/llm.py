@@ -31,7 +31,6 @@ import importlib.util
 import json
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +40,9 @@ import svdcompress as sc
 from svdcompress.core.distill import Distill
 from svdcompress.core.files import write_json
 from svdcompress.integrations.causal_lm import load_causal_lm, perplexity, text_sequences
+from svdcompress.integrations.bench_lm import PeakRSS, rss as _rss  # noqa: F401  (calibration_speed imports them here)
 from svdcompress.integrations.recover_lm import LMTrainConfig, recover_lm
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 ROWS = ("dense", "plain", "svd-llm", "default", "loss-aware", "recovered")
 
@@ -62,30 +63,6 @@ def wikipedia() -> tuple[str, str]:
     test = [extract(t) for i, t in enumerate(titles) if i % 10 == 0]
     train = [extract(t) for i, t in enumerate(titles) if i % 10 != 0]
     return "\n\n".join(x for x in train if x), "\n\n".join(x for x in test if x)
-
-
-class PeakRSS:
-    """The process's largest resident set size while the block runs (sampled every 50 ms)."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def configs(ratio: float) -> dict:
@@ -131,10 +108,19 @@ def run(args) -> dict:
             raise SystemExit(f"{out} was written with other settings: {before['settings']}")
         result["rows"], result["samples"] = before["rows"], before.get("samples", {})
         result["runs"] = before.get("runs", 1) + 1
+        earlier = before.get("provenance", {}).get("command")
+    else:
+        earlier = None
+
+    def save():
+        stamp(result, args.threads)
+        if earlier:  # an appended run: both commands made the file
+            result["provenance"]["command"] = f"{earlier}; then {result['provenance']['command']}"
+        write_json(out, result)
 
     def record(row):
         result["rows"].append(row)
-        write_json(out, result)
+        save()
         print(json.dumps(row))
 
     def score(model):
@@ -169,7 +155,8 @@ def run(args) -> dict:
             if name == "default" and "recovered" in args.rows:
                 cfg = LMTrainConfig(epochs=1, lr=args.recovery_lr, batch_size=args.recovery_batch,
                                     accumulate=args.recovery_accumulate, seq_len=args.recovery_seq_len,
-                                    max_sequences=args.recovery_sequences, schedule="cosine")
+                                    max_sequences=args.recovery_sequences, schedule="cosine",
+                                    factors=args.recovery_factors)
                 with PeakRSS() as mem:
                     t = time.perf_counter()
                     history = recover_lm(model, dense, recovery_ids, cfg, Distill(1.0, args.recovery_alpha),
@@ -183,7 +170,7 @@ def run(args) -> dict:
                     ids = tok(args.sample, return_tensors="pt")
                     gen = model.model.generate(**ids, max_new_tokens=40, do_sample=False)
                     result.setdefault("samples", {})[str(ratio)] = tok.decode(gen[0], skip_special_tokens=True)
-                    write_json(out, result)
+                    save()
             del model
     return result
 
@@ -199,14 +186,16 @@ LABELS = {"dense": "dense", "plain": "plain SVD", "svd-llm": "SVD-LLM (parallel 
 
 
 def table(result: dict) -> str:
-    """The results as a Markdown table (README)."""
-    lines = ["| kept | method | perplexity | compression | recovery | peak RSS |",
-             "|---:|---|---:|---:|---:|---:|"]
+    """The results as a Markdown table (README, docs)."""
+    dense = next((r["perplexity"] for r in result["rows"] if r["method"] == "dense"), None)
+    lines = ["| kept | method | perplexity | x dense | compression | recovery | peak RSS |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         kept = "1.0" if r["method"] == "dense" else f"{r['ratio']:g} ({r['block_linear_kept']:.3f})"
         comp = f"{r['compress_seconds']:.0f} s" if "compress_seconds" in r else ""
         rec = f"{r['recovery_seconds'] / 60:.1f} min" if "recovery_seconds" in r else ""
-        lines.append(f"| {kept} | {LABELS[r['method']]} | {r['perplexity']:,.2f} | {comp} | {rec} | "
+        times = f"{r['perplexity'] / dense:,.1f}x" if dense else ""
+        lines.append(f"| {kept} | {LABELS[r['method']]} | {r['perplexity']:,.2f} | {times} | {comp} | {rec} | "
                      f"{r['peak_rss_bytes'] / 2 ** 30:.2f} GiB |")
     return "\n".join(lines)
 
@@ -225,6 +214,7 @@ def main() -> None:
     p.add_argument("--recovery-accumulate", type=int, default=2)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--recovery-alpha", type=float, default=0.5)
+    p.add_argument("--recovery-factors", choices=["both", "alternate"], default="both")
     p.add_argument("--sample", default="The history of the Roman Empire",
                    help="a prompt the recovered model continues (greedy); empty: none")
     p.add_argument("--threads", type=int, default=2)

@@ -25,6 +25,7 @@ import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.integrations.hf import (calibration_sentences, compare_embeddings, file_size, load_encoder,
                             synthetic_sentences, text_batches)
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 RATIOS = (0.9, 0.7, 0.5, 0.3)
 VARIANTS = {"plain": dict(method="plain"),
@@ -82,7 +83,7 @@ def main() -> None:
                             "file_bytes": ref_bytes, "sentences_per_second": ref_speed},
               "rows": rows}
     out = Path(args.out)
-    write_json(out, result)
+    write_json(out, stamp(result))
     print(f"wrote {out}")
 
 

@@ -21,6 +21,7 @@ import torch
 
 from svdcompress.core.files import write_json
 from svdcompress.study.data import write_idx
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 TRAIN = ["--epochs", "1", "--width", "1024", "--depth", "5", "--batch-size", "128", "--quiet",
          "--device", "cpu"]
@@ -69,10 +70,10 @@ def main() -> None:
     for r in rows:
         r["train_speedup"] = rows[0]["train_seconds"] / r["train_seconds"]
         r["compress_speedup"] = rows[0]["compress_whiten_seconds"] / r["compress_whiten_seconds"]
-    write_json(args.out, {"benchmark": "scaling", "cores": cores, "torch": torch.__version__,
+    write_json(args.out, stamp({"benchmark": "scaling", "cores": cores, "torch": torch.__version__,
                           "note": "wall time of the whole command, process start-up included; "
                                   "the cores are shared, so more processes cannot add compute here",
-                          "gpu": "not measured: no GPU was lent to this task", "rows": rows})
+                          "gpu": "not measured: no GPU was lent to this task", "rows": rows}, threads=1))
     print(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from svdcompress.core.files import write_json
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,7 @@ def main() -> None:
     if results["settings"]["quick"]:
         raise SystemExit("that report is a --quick run: summarize a default run")
     summary = summarize(results)
-    write_json(args.out, summary)
+    write_json(args.out, stamp(summary))
     print(json.dumps({k: summary[k] for k in ("baseline_accuracy", "sweep", "timings_seconds")}, indent=2))
     print(f"wrote {args.out}")
 

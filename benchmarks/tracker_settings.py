@@ -28,6 +28,7 @@ from svdcompress.core.projection import ProjectedLinear
 from svdcompress.study.train import TrainConfig, train
 
 from dynamic_overhead import make_stepper, tracker_errors
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 SETTINGS = [
     {"oversample": 8, "tol": 1e-3, "max_iters": 2},
@@ -71,10 +72,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row))
     out = Path(args.out)
-    write_json(out, {"benchmark": "tracker_settings", "device": "cpu",
+    write_json(out, stamp({"benchmark": "tracker_settings", "device": "cpu",
                      "threads": torch.get_num_threads(), "data": data.name,
                      "rank": args.rank, "steps": args.steps, "time": time.ctime(),
-                     "settings": rows})
+                     "settings": rows}))
     print(f"wrote {out}")
 
 

@@ -31,6 +31,7 @@ from svdcompress.study.data import FASHION_DIR, load_dataset
 from svdcompress.study.experiments import BASE_EPOCHS, SCHEDULE, allocations, paired
 from svdcompress.study.runs import calibration_batches, train_baseline
 from svdcompress.study.train import TrainConfig, evaluate, predict
+from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
 
 RANKS = (10, 20, 50, 100, 200)
 CALIB = (4, 16, 64)
@@ -106,7 +107,7 @@ def main() -> None:
         alloc = args.fashion_alloc_ranks if name == "fashion-mnist" and args.fashion_alloc_ranks else args.alloc_ranks
         result["datasets"][name] = run(name, base, variants, ranks(alloc))
     out = Path(args.out)
-    write_json(out, result)
+    write_json(out, stamp(result))
     print(f"wrote {out}")
 
 

@@ -4,6 +4,8 @@ sweep the truncation rank, fine-tune the factors; ``reproduce`` runs them all.""
 from __future__ import annotations
 
 import copy
+import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -279,6 +281,13 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
     }
     results["claims"] = claims(results)
     timings["total"] = sum(timings.values())
+    results["provenance"] = {  # README and docs tables name the run they come from
+        "command": "make demo" if data.name == "fashion-mnist" and not quick else
+        f"svdcompress reproduce --data {data.name}{' --quick' if quick else ''}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
     write_json(out / "results.json", results)
     write_report(results, out)
     return results

@@ -1,0 +1,38 @@
+"""Where a results file came from: the command, the machine and the date, stamped into the
+JSON by every benchmark when it writes it, and printed above every table rendered from it
+(benchmarks/render.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+
+def machine(threads: int | None = None) -> dict:
+    """The machine a figure was measured on: cores, threads, CPU, torch and the GPU if any."""
+    return {"cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def stamp(result: dict, threads: int | None = None, variation: str | None = None) -> dict:
+    """``result`` with its provenance: the command that ran (this process's arguments), the
+    machine and today's date; ``variation``: how much the figures varied between runs,
+    where that was measured."""
+    command = "python " + " ".join(shlex.quote(a) for a in [_script()] + sys.argv[1:])
+    old = result.get("provenance", {})
+    result["provenance"] = {"command": command, "date": time.strftime("%Y-%m-%d"),
+                            "machine": machine(threads),
+                            **({"variation": variation or old["variation"]}
+                               if variation or old.get("variation") else {})}
+    return result
+
+
+def _script() -> str:
+    path = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "benchmarks/?"
+    return path if path.startswith("benchmarks") else os.path.join("benchmarks", os.path.basename(path))
