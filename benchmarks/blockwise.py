@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 SHAPES = {
     "gpt2-small": dict(family="gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=50257,

@@ -42,7 +42,10 @@ import svdcompress as sc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm import PeakRSS, _rss, package_dir, wikipedia  # noqa: E402
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 try:  # the phases of a compression (absent from checkouts older than compress --profile)
     from svdcompress.core.profile import Profile

@@ -24,7 +24,10 @@ from svdcompress.core.files import write_json
 from svdcompress.integrations.distill import EncoderTrainConfig, distill_encoder
 from svdcompress.integrations.hf import (calibration_sentences, compare_embeddings, load_encoder,
                                          synthetic_sentences, text_batches)
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 
 def main() -> None:

@@ -36,7 +36,10 @@ from svdcompress.study.data import FASHION_DIR, load_dataset
 from svdcompress.core.projection import ProjectedLinear
 from svdcompress.core.projection import projection_error
 from svdcompress.study.train import TrainConfig, evaluate, make_optimizer, train
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 
 def make_stepper(model, data, lr, batch, seed):

@@ -33,7 +33,10 @@ from benchmarks import faults_hf
 from svdcompress.cli import main
 from svdcompress.core.files import write_json
 from svdcompress.study.data import write_idx
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 TINY = ["--width", "24", "--depth", "2", "--quiet", "--batch-size", "32", "--device", "cpu"]
 ODD_VALUES = [None, -1, 0, 1, 2.5, 10 ** 12, "", "x", "linear", [], [1, "a"], {}, {"name": 3}, True]

@@ -24,7 +24,10 @@ import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.integrations.causal_lm import CausalLM, perplexity, token_ids
 from svdcompress.integrations.hf_runs import compress_hf, load_hf
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 FORTUNES = Path("/usr/share/games/fortunes")
 RATIOS = (0.9, 0.7, 0.5)

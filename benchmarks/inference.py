@@ -22,7 +22,10 @@ from svdcompress.study import MLP
 from svdcompress.integrations.bench import benchmark
 from svdcompress.core.files import write_json
 from svdcompress.study.report import finish, subplots
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 RANKS = (10, 20, 50, 100, 200)
 BATCHES = (1, 32, 256)

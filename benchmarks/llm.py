@@ -42,7 +42,10 @@ from svdcompress.core.files import write_json
 from svdcompress.integrations.causal_lm import load_causal_lm, perplexity, text_sequences
 from svdcompress.integrations.bench_lm import PeakRSS, rss as _rss  # noqa: F401  (calibration_speed imports them here)
 from svdcompress.integrations.recover_lm import LMTrainConfig, recover_lm
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 ROWS = ("dense", "plain", "svd-llm", "default", "loss-aware", "recovered")
 

@@ -32,7 +32,10 @@ from svdcompress.core.files import write_json  # noqa: E402
 from svdcompress.integrations.bench_lm import _cpu_name, measure, speedups, weight_bytes  # noqa: E402
 from svdcompress.integrations.causal_lm import load_causal_lm  # noqa: E402
 from llm import package_dir  # noqa: E402
-from provenance import stamp  # noqa: E402
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 
 def block_linear_kept(report) -> float:

@@ -25,7 +25,10 @@ import svdcompress as sc
 from svdcompress.core.files import write_json
 from svdcompress.integrations.hf import (calibration_sentences, compare_embeddings, file_size, load_encoder,
                             synthetic_sentences, text_batches)
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 RATIOS = (0.9, 0.7, 0.5, 0.3)
 VARIANTS = {"plain": dict(method="plain"),

@@ -34,7 +34,10 @@ from svdcompress.core.files import write_json  # noqa: E402
 from svdcompress.integrations.causal_lm import load_causal_lm, perplexity, text_sequences  # noqa: E402
 from svdcompress.integrations.recover_lm import LMTrainConfig, recover_lm  # noqa: E402
 from llm import package_dir, wikipedia  # noqa: E402
-from provenance import stamp  # noqa: E402
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 CALIB_SEQS, SEQ_LEN = 16, 512
 

@@ -21,7 +21,10 @@ import torch
 
 from svdcompress.core.files import write_json
 from svdcompress.study.data import write_idx
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 TRAIN = ["--epochs", "1", "--width", "1024", "--depth", "5", "--batch-size", "128", "--quiet",
          "--device", "cpu"]

@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 
 from svdcompress.core.files import write_json
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

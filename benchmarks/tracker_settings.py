@@ -28,7 +28,10 @@ from svdcompress.core.projection import ProjectedLinear
 from svdcompress.study.train import TrainConfig, train
 
 from dynamic_overhead import make_stepper, tracker_errors
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 SETTINGS = [
     {"oversample": 8, "tol": 1e-3, "max_iters": 2},

@@ -31,7 +31,10 @@ from svdcompress.study.data import FASHION_DIR, load_dataset
 from svdcompress.study.experiments import BASE_EPOCHS, SCHEDULE, allocations, paired
 from svdcompress.study.runs import calibration_batches, train_baseline
 from svdcompress.study.train import TrainConfig, evaluate, predict
-from provenance import stamp  # noqa: E402  (benchmarks/ is on the path: scripts run from it)
+try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
+    from provenance import stamp  # noqa: E402
+except ImportError:
+    from benchmarks.provenance import stamp  # noqa: E402
 
 RANKS = (10, 20, 50, 100, 200)
 CALIB = (4, 16, 64)
