@@ -32,7 +32,7 @@ from .integrations.hf_runs import compress_hf
 from .study.experiments import BASE_EPOCHS, STUDY_RANKS, reproduce
 from .study.runs import compress_run, continue_training, eval_run, sweep_run, train_run
 from .study.train import TrainConfig
-from .cli_hf import add_eval_commands, finetune_lm
+from .cli_hf import add_eval_commands, finetune_lm, print_lm_bench
 from .cli_types import (Parser, UsageError, or_default, device, fraction, positive_float, positive_int,  # noqa: F401
                         rank_list, suffixes_or_regex)
 
@@ -154,14 +154,7 @@ def cmd_bench(args) -> None:
     result, out = bench_run(args.run, args.batch, args.threads, args.repeats, args.out,
                             args.overwrite, args.prompt_tokens, args.new_tokens)
     if result.get("kind") == "causal-lm":
-        for r in result["rows"]:
-            d, c = r["dense"], r["compressed"]
-            print(f"{r['device']} batch {r['batch']:>3}: prefill {r['prompt_tokens']} tokens "
-                  f"{d['prefill_ms']:8.1f} -> {c['prefill_ms']:8.1f} ms ({r['prefill_speedup']:4.2f}x), "
-                  f"decode {d['decode_ms_per_token']:6.1f} -> {c['decode_ms_per_token']:6.1f} ms/token "
-                  f"({r['decode_speedup']:4.2f}x)")
-        print(f"wrote {out}")
-        return
+        return print_lm_bench(result, out)
     for r in result["rows"]:
         print(f"{r['device']} batch {r['batch']:>4}: dense {r['dense_ms']:8.3f} ms, compressed "
               f"{r['compressed_ms']:8.3f} ms, speed-up {r['speedup']:5.2f}x "
@@ -278,10 +271,8 @@ def build_parser() -> Parser:
     s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
                    "needs this many times fewer multiply-adds (with --speed-for: is measured this "
                    "many times faster)")
-    s.add_argument("--speed-for", choices=["decode", "prefill"],
-                   help="time each layer shape dense and factorised on this machine, at 1 row "
-                   "(decode) or 512 (prefill): layers that would be slower stay dense, ranks are "
-                   "rounded up where an aligned size is faster")
+    s.add_argument("--speed-for", choices=["decode", "prefill"], help="time each layer shape here at 1 "
+                   "row (decode) or 512 (prefill): slower factorised layers stay dense, ranks round up")
     s.add_argument("--data", help="dataset for calibration (default: the run's)")
     s.add_argument("--profile", action="store_true", help="print (and record in the run) the "
                    "seconds of each phase: block passes, statistics, fits, allocation")
@@ -311,9 +302,8 @@ def build_parser() -> Parser:
                    "sequences per epoch")
     s.add_argument("--train-also", help="a causal LM: a regex of more parameters to train "
                    "(default: only the low-rank factors)")
-    s.add_argument("--factors", choices=["both", "alternate"], default="both",
-                   help="a causal LM: train u and v together (default), or SVD-LLM's order: u "
-                   "for the first half of the steps, then v")
+    s.add_argument("--factors", choices=["both", "alternate"], default="both", help="a causal LM: "
+                   "u and v together (default), or SVD-LLM's order: u for half the steps, then v")
     s.add_argument("--embedding-loss", choices=["cosine", "mse"], default="cosine")
     s.add_argument("--calib", help="encoder: a text file to distil on, one sentence a line")
     s.add_argument("--calib-sentences", type=positive_int, default=512,
@@ -329,10 +319,8 @@ def build_parser() -> Parser:
     s.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     s.add_argument("--repeats", type=positive_int, help="timed repeats after warm-up (default 30; "
                    "a causal LM 3)")
-    s.add_argument("--prompt-tokens", type=positive_int, default=512,
-                   help="a causal LM: prompt length of the prefill (default 512)")
-    s.add_argument("--new-tokens", type=positive_int, default=128,
-                   help="a causal LM: decode steps through the key-value cache (default 128)")
+    s.add_argument("--prompt-tokens", type=positive_int, default=512, help="a causal LM: prefill length")
+    s.add_argument("--new-tokens", type=positive_int, default=128, help="a causal LM: cached decode steps")
     s.add_argument("--out", help="JSON file (default RUN/bench.json)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing results file")
     s.set_defaults(func=cmd_bench)

@@ -31,6 +31,17 @@ def finetune_lm(args) -> None:
           f"teacher {last['held_out_kl']:.4f}" if last else f"saved {args.out}")
 
 
+def print_lm_bench(result: dict, out) -> None:
+    """`bench` on a causal LM: prefill and decode, dense -> compressed, per batch."""
+    for r in result["rows"]:
+        d, c = r["dense"], r["compressed"]
+        print(f"{r['device']} batch {r['batch']:>3}: prefill {r['prompt_tokens']} tokens "
+              f"{d['prefill_ms']:8.1f} -> {c['prefill_ms']:8.1f} ms ({r['prefill_speedup']:4.2f}x), "
+              f"decode {d['decode_ms_per_token']:6.1f} -> {c['decode_ms_per_token']:6.1f} ms/token "
+              f"({r['decode_speedup']:4.2f}x)")
+    print(f"wrote {out}")
+
+
 def cmd_eval_embeddings(args) -> None:
     print(json.dumps(eval_embeddings_run(args.run, args.reference, args.texts, args.sentences),
                      indent=2))

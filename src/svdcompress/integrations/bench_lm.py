@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import platform
 import statistics
 import threading
 import time
@@ -30,6 +31,8 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.swap import densify_
+from .causal_lm import CausalLM
+from .hf_load import check_positions
 
 
 class PeakRSS:
@@ -195,9 +198,6 @@ def lm_benchmark(model: nn.Module, batches=(1, 8), prompt_tokens: int = 512, new
                  dense: nn.Module | None = None, seed: int = 0) -> dict:
     """Prefill and decode speed of the causal LM ``model`` (a ``CausalLM``) and of its dense
     original (``dense``, default: ``model`` multiplied back out) at each batch size."""
-    from .causal_lm import CausalLM  # transformers only when a language model is benchmarked
-    from .hf_load import check_positions
-
     if not isinstance(model, CausalLM):
         raise ConfigError(f"{type(model).__name__} is not a causal language model")
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
@@ -229,5 +229,4 @@ def _cpu_name() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()
