@@ -167,7 +167,7 @@ def _phase(row: dict, column: str) -> str:
 
 
 def table(result: dict) -> str:
-    """The README's tables from the results file."""
+    """The results as a Markdown table (docs/transformers.md, via benchmarks/render.py)."""
     lines = ["| model, data | method | code | compression | block passes | statistics | fits | quality |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     order = {"smollm2": 0, "minilm": 1, "mlp": 2, "block7b": 3}
@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--mlp-base", default="/tmp/svdcompress-bench-mlp-base")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration_speed.json"))
-    p.add_argument("--render", action="store_true", help="print the README table from --out and exit")
+    p.add_argument("--render", action="store_true", help="print the Markdown table from --out and exit")
     args = p.parse_args()
     if args.render:
         print(table(json.loads(Path(args.out).read_text())))

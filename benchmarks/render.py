@@ -61,7 +61,9 @@ def study_sweep(d: dict) -> str:
 def study_recovery(d: dict) -> str:
     from svdcompress.study.report import recovery_section
     lines = recovery_section(d)
-    return "\n".join(line for line in lines if line.startswith("|") or line.startswith("At equal"))
+    table_lines = [line for line in lines if line.startswith("|")]
+    after = [line for line in lines if line.startswith("At equal")]
+    return "\n".join(table_lines + ([""] + after if after else []))
 
 
 def study_claims(d: dict) -> str:
@@ -279,7 +281,9 @@ def headline(_: dict | None = None) -> str:
                 f"data: {got['svd-llm']['perplexity']:.1f}; dense {dense:.2f})")
         if "recovered" in got:
             r = got["recovered"]
-            text += f"; {r['perplexity']:.1f} after {r['recovery_seconds'] / 60:.0f} minutes of recovery training on 2 cores"
+            cores = lm.get("provenance", {}).get("machine", {}).get("cores", "?")
+            text += (f"; {r['perplexity']:.1f} after {r['recovery_seconds'] / 60:.0f} minutes of recovery "
+                     f"training on {cores} CPU cores")
         rows.append([f"SmolLM2-135M (pretrained), {ratio:g} of the block linear parameters kept", text,
                      "[transformers](docs/transformers.md)"])
     mini = _load("benchmarks/results/minilm.json")
@@ -299,9 +303,10 @@ def headline(_: dict | None = None) -> str:
     if speed.exists():
         sp = json.loads(speed.read_text())
         used.append("benchmarks/results/lm_speed.json")
-        best = [r for r in sp["rows"] if r["batch"] == 1]
-        if best:
-            r = min(best, key=lambda r: r["kept"])
+        plain = [r for r in sp["rows"] if r["batch"] == 1 and not r.get("speed_for")]
+        for r in sorted({id(x): x for x in (min(plain, key=lambda r: r["kept"]),
+                                             max(plain, key=lambda r: r["kept"]))}.values(),
+                        key=lambda r: r["kept"]) if plain else []:
             rows.append([f"SmolLM2-135M at {r['kept']:g} kept, batch 1, {r['device'].upper()}",
                          f"decoding {r['decode_speedup']:.2f}x the dense model's tokens per second, "
                          f"prefill of {sp['prompt_tokens']} tokens {r['prefill_speedup']:.2f}x",

@@ -1,4 +1,4 @@
-"""The README's API example: compress a model, save it, load it back, compare outputs."""
+"""The API example of README.md and docs/api.md: compress a model, save it, load it back, compare outputs."""
 
 import tempfile
 
