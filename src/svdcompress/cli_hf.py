@@ -89,7 +89,7 @@ def add_eval_commands(sub) -> None:
 
     s = sub.add_parser("eval-lm", help="perplexity of a compressed causal LM and of its reference")
     s.add_argument("run")
-    s.add_argument("--reference", required=True, help="the uncompressed model directory")
+    s.add_argument("--reference", required=True, help="the uncompressed model: a directory or a GGUF file")
     s.add_argument("--text", required=True, help="a UTF-8 text file to score")
     s.add_argument("--window", type=positive_int, help="tokens per window (default 512, or the "
                    "model's positions when it has fewer)")
