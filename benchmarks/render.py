@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' own table functions
 MARKER = re.compile(r"<!-- render:(?P<name>[\w.-]+) -->\n(?P<body>.*?)<!-- /render:(?P=name) -->", re.S)
 
 
@@ -182,7 +183,6 @@ def gpt2_fortunes(d: dict) -> str:
 
 
 def llm(d: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from llm import table as llm_table
     return llm_table(d)
 
@@ -197,7 +197,6 @@ def recovery_design(d: dict) -> str:
 
 
 def calibration_speed(d: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from calibration_speed import table as speed_table
     return speed_table(d)
 
@@ -259,9 +258,8 @@ def _load(path: str) -> dict:
 
 def headline(_: dict | None = None) -> str:
     """The README's table: the best figure of each kind, each from its own results file."""
-    rows, used = [], []
-    study = _load("report/results.json")
-    used.append("report/results.json")
+    rows, used = [], {}
+    study = used["report/results.json"] = _load("report/results.json")
     d20 = next(r for r in study["sweep"] if r["rank"] == 20)
     tuned = (study.get("distill") or {}).get("finetune_same_start") or {}
     rows.append(["the study's MLP on Fashion-MNIST, every layer but the last at rank 20 "
@@ -270,8 +268,7 @@ def headline(_: dict | None = None) -> str:
                  f"fine-tuning from whitened, loss-aware factors (dense {pct(study['baseline']['accuracy'])})"
                  if tuned else f"accuracy {pct(d20['accuracy'])} (dense {pct(study['baseline']['accuracy'])})",
                  "[study](docs/study.md)"])
-    lm = _load("benchmarks/results/llm.json")
-    used.append("benchmarks/results/llm.json")
+    lm = used["benchmarks/results/llm.json"] = _load("benchmarks/results/llm.json")
     dense = next(r for r in lm["rows"] if r["method"] == "dense")["perplexity"]
     for ratio in sorted({r["ratio"] for r in lm["rows"] if r["method"] != "dense"}, reverse=True)[:2]:
         got = {r["method"]: r for r in lm["rows"] if r["ratio"] == ratio}
@@ -286,23 +283,20 @@ def headline(_: dict | None = None) -> str:
                      f"training on {cores} CPU cores")
         rows.append([f"SmolLM2-135M (pretrained), {ratio:g} of the block linear parameters kept", text,
                      "[transformers](docs/transformers.md)"])
-    mini = _load("benchmarks/results/minilm.json")
-    used.append("benchmarks/results/minilm.json")
+    mini = used["benchmarks/results/minilm.json"] = _load("benchmarks/results/minilm.json")
     got = {r["variant"]: r for r in mini["rows"] if r["ratio"] == 0.5}
     if got:
         rows.append(["all-MiniLM-L6-v2 (pretrained), half the linear parameters",
                      f"embeddings' mean cosine to the original {got['whiten-sequential']['mean_cosine']:.3f} "
                      f"(plain SVD: {got['plain']['mean_cosine']:.3f})", "[transformers](docs/transformers.md)"])
-    inf = _load("benchmarks/results/inference.json")
-    used.append("benchmarks/results/inference.json")
+    inf = used["benchmarks/results/inference.json"] = _load("benchmarks/results/inference.json")
     r = next(r for r in inf["rows"] if r["rank"] == 20 and r["batch"] == max(x["batch"] for x in inf["rows"]))
     rows.append([f"the study's MLP at rank 20, batch {r['batch']}, CPU",
                  f"{r['speedup']:.1f}x faster than dense ({r['flop_ratio']:.1f}x fewer multiply-adds)",
                  "[inference](docs/inference.md)"])
     speed = ROOT / "benchmarks/results/lm_speed.json"
     if speed.exists():
-        sp = json.loads(speed.read_text())
-        used.append("benchmarks/results/lm_speed.json")
+        sp = used["benchmarks/results/lm_speed.json"] = json.loads(speed.read_text())
         plain = [r for r in sp["rows"] if r["batch"] == 1 and not r.get("speed_for")]
         for r in sorted({id(x): x for x in (min(plain, key=lambda r: r["kept"]),
                                              max(plain, key=lambda r: r["kept"]))}.values(),
@@ -313,8 +307,8 @@ def headline(_: dict | None = None) -> str:
                          "[inference](docs/inference.md)"])
     out = table(["model, setting", "result", "more"], ["---", "---", "---"], rows)
     notes = []
-    for path in used:
-        p = _load(path).get("provenance", {})
+    for path, data in used.items():
+        p = data.get("provenance", {})
         m = p.get("machine", {})
         notes.append(f"`{path}`: `{p.get('command', '?')}`, {m.get('cores', '?')} cores, "
                      f"{m.get('threads', '?')} threads, {p.get('date', '?')}")

@@ -21,6 +21,7 @@ from ..core.io import load
 from ..core.kinds import any_kind
 from ..core.swap import densify_
 from .bench_lm import lm_benchmark
+from .causal_lm import CausalLM
 
 
 def count_macs(model: nn.Module, inputs: dict) -> int:
@@ -105,7 +106,7 @@ def bench_run(run: str | Path, batches=None, threads: int | None = None,
     out = Path(out) if out is not None else Path(run) / "bench.json"
     check_output_file(out, overwrite=overwrite, run=run)
     model = load(run)
-    if getattr(model, "arch_spec", None) and model.arch_spec().get("name") == "hf-causal-lm":
+    if isinstance(model, CausalLM):
         figures = lm_benchmark(model, batches or (1, 8), prompt_tokens, new_tokens,
                                repeats or 3, threads=threads)
     else:

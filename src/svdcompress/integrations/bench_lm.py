@@ -118,26 +118,28 @@ def decode_seconds(hf: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[f
     return time.perf_counter() - t0, torch.cat(tokens, 1)
 
 
-def _peak(device: str):
-    """A context giving the phase's added peak memory as ``.added`` (bytes)."""
+class PhasePeak:
+    """What a phase adds to the peak memory (``.added``, bytes): the allocator's peak on CUDA,
+    the sampled resident set size on CPU."""
 
-    class Peak:
-        def __enter__(self):
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(device)
-                self.base = torch.cuda.memory_allocated(device)
-            else:
-                self.watch = PeakRSS().__enter__()
-            return self
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.device = device
 
-        def __exit__(self, *exc):
-            if device.startswith("cuda"):
-                self.added = torch.cuda.max_memory_allocated(device) - self.base
-            else:
-                self.watch.__exit__(*exc)
-                self.added = self.watch.peak - self.watch.start
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.watch = PeakRSS().__enter__()
+        return self
 
-    return Peak()
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.added = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.watch.__exit__(*exc)
+            self.added = self.watch.peak - self.watch.start
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -164,7 +166,7 @@ def measure(models: dict, vocab: int, batches=(1, 8), prompt_tokens: int = 512, 
         added, made = {k: 0 for k in models}, {}
         for i in range(warmup + repeats):
             for name, hf in models.items():
-                with _peak(device) as mem:
+                with PhasePeak(device) as mem:
                     t_pre = prefill_seconds(hf, ids)
                     t_dec, made[name] = decode_seconds(hf, ids, new_tokens)
                 added[name] = max(added[name], mem.added)
