@@ -5,19 +5,11 @@ JSON by every benchmark when it writes it, and printed above every table rendere
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 import time
 
-import torch
-
-
-def machine(threads: int | None = None) -> dict:
-    """The machine a figure was measured on: cores, threads, CPU, torch and the GPU if any."""
-    return {"cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+from svdcompress.core.devices import machine
 
 
 def stamp(result: dict, threads: int | None = None, variation: str | None = None) -> dict:

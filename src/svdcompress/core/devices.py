@@ -8,6 +8,9 @@ from the first tensor moved there.
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 
 from . import dist
@@ -37,3 +40,11 @@ def resolve_device(name) -> torch.device:
             raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} "
                               "CUDA device(s)")
     return device
+
+
+def machine(threads: int | None = None) -> dict:
+    """The machine a figure is measured on (recorded beside results): cores, threads, CPU,
+    torch and the GPU if any."""
+    return {"cores": os.cpu_count(), "threads": threads or torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}

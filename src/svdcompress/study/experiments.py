@@ -4,8 +4,6 @@ sweep the truncation rank, fine-tune the factors; ``reproduce`` runs them all.""
 from __future__ import annotations
 
 import copy
-import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +13,7 @@ from torch import nn
 
 from ..core.compress import compress_
 from ..core.config import SVDConfig
+from ..core.devices import machine
 from ..core.files import write_json
 from ..core.io import save
 from ..core.report import model_size
@@ -285,9 +284,7 @@ def _reproduce(data_name, out, *, quick, epochs, lr, ft_rank, ft_epochs, seed, r
         "command": "make demo" if data.name == "fashion-mnist" and not quick else
         f"svdcompress reproduce --data {data.name}{' --quick' if quick else ''}",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+        "machine": machine()}
     write_json(out / "results.json", results)
     write_report(results, out)
     return results
