@@ -12,8 +12,10 @@ overlapping). Rows, each from a copy of the same dense model, in one process:
 - svd-llm: SVD-LLM's algorithm: statistics from the dense model in one pass (parallel
   calibration), one whitened SVD per layer, uniform ratio (no fit choice)
 - default: svdcompress's whitened default (sequential, block-wise, fit chosen on held-out rows)
-- loss-aware: the default with loss-aware rank allocation
-- recovered: the default followed by recovery training (finetune --distill for causal LMs)
+- loss-aware: the default with loss-aware rank allocation (allocation="fisher": each layer's
+  truncation loss weighted by its sensitivity from one backward pass)
+- recovered: the default (or, with --recovery-from loss-aware, the loss-aware row's model)
+  followed by recovery training (finetune --distill for causal LMs)
 
 Each row records perplexity, compression and recovery seconds and the peak resident
 memory of the process during the row. Results are written after every row:
@@ -73,7 +75,8 @@ def configs(ratio: float) -> dict:
         "plain": sc.SVDConfig(ratio=ratio),
         "svd-llm": sc.SVDConfig(ratio=ratio, method="whiten", sequential=False, select_fit=False),
         "default": sc.SVDConfig(ratio=ratio, method="whiten"),
-        "loss-aware": sc.SVDConfig(ratio=ratio, method="whiten", allocation="loss-aware"),
+        # loss-aware at a language model's scale: sensitivities from one backward pass
+        "loss-aware": sc.SVDConfig(ratio=ratio, method="whiten", allocation="fisher"),
     }
 
 
@@ -135,7 +138,7 @@ def run(args) -> dict:
         record({"ratio": 1.0, "method": "dense", **_ppl(ppl), "peak_rss_bytes": mem.peak})
     for ratio in args.ratios:
         for name, config in configs(ratio).items():
-            wanted = name in args.rows or (name == "default" and "recovered" in args.rows)
+            wanted = name in args.rows or (name == args.recovery_from and "recovered" in args.rows)
             if not wanted:
                 continue
             model = copy.deepcopy(dense)
@@ -153,9 +156,12 @@ def run(args) -> dict:
                 fits[r.fit] = fits.get(r.fit, 0) + 1
             row = {"ratio": ratio, "method": name, "compress_seconds": seconds,
                    "block_linear_kept": kept / total, "fits": fits, "peak_rss_bytes": mem.peak}
+            if report.allocation and "chosen" in report.allocation:
+                row["allocation"] = {k: report.allocation[k] for k in ("objective", "chosen", "output_distance")}
+                row["ranks"] = {r.name: r.rank for r in report.layers if r.kind == "linear"}
             if name in args.rows:
                 record({**row, **_ppl(score(model))})
-            if name == "default" and "recovered" in args.rows:
+            if name == args.recovery_from and "recovered" in args.rows:
                 cfg = LMTrainConfig(epochs=1, lr=args.recovery_lr, batch_size=args.recovery_batch,
                                     accumulate=args.recovery_accumulate, seq_len=args.recovery_seq_len,
                                     max_sequences=args.recovery_sequences, schedule="cosine",
@@ -165,14 +171,15 @@ def run(args) -> dict:
                     history = recover_lm(model, dense, recovery_ids, cfg, Distill(1.0, args.recovery_alpha),
                                          progress=not args.quiet)
                     rec_seconds = time.perf_counter() - t
-                record({**row, "method": "recovered", "recovery_seconds": rec_seconds,
+                record({**row, "method": "recovered", "start": name, "recovery_seconds": rec_seconds,
                         "recovery": {**cfg.__dict__, "alpha": args.recovery_alpha,
                                      "train_tokens": history[-1]["train_tokens"]},
                         "peak_rss_bytes": max(row["peak_rss_bytes"], mem.peak), **_ppl(score(model))})
                 if args.sample:
                     ids = tok(args.sample, return_tensors="pt")
                     gen = model.model.generate(**ids, max_new_tokens=40, do_sample=False)
-                    result.setdefault("samples", {})[str(ratio)] = tok.decode(gen[0], skip_special_tokens=True)
+                    key = str(ratio) if name == "default" else f"{ratio} {name}"
+                    result.setdefault("samples", {})[key] = tok.decode(gen[0], skip_special_tokens=True)
                     save()
             del model
     return result
@@ -184,8 +191,7 @@ def _ppl(m: dict) -> dict:
 
 
 LABELS = {"dense": "dense", "plain": "plain SVD", "svd-llm": "SVD-LLM (parallel whitening, uniform)",
-          "default": "svdcompress whitened default", "loss-aware": "default + loss-aware ranks",
-          "recovered": "default + recovery training"}
+          "default": "svdcompress whitened default", "loss-aware": "default + loss-aware ranks (fisher)"}
 
 
 def table(result: dict) -> str:
@@ -193,12 +199,15 @@ def table(result: dict) -> str:
     dense = next((r["perplexity"] for r in result["rows"] if r["method"] == "dense"), None)
     lines = ["| kept | method | perplexity | x dense | compression | recovery | peak RSS |",
              "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
+    order = lambda r: (-r["ratio"], ROWS.index(r["method"]), r.get("start", "default") != "default")  # noqa: E731
+    for r in sorted(result["rows"], key=order):
         kept = "1.0" if r["method"] == "dense" else f"{r['ratio']:g} ({r['block_linear_kept']:.3f})"
+        label = LABELS[r["method"]] if r["method"] != "recovered" else \
+            f"{LABELS[r.get('start', 'default')]} + recovery training"
         comp = f"{r['compress_seconds']:.0f} s" if "compress_seconds" in r else ""
         rec = f"{r['recovery_seconds'] / 60:.1f} min" if "recovery_seconds" in r else ""
         times = f"{r['perplexity'] / dense:,.1f}x" if dense else ""
-        lines.append(f"| {kept} | {LABELS[r['method']]} | {r['perplexity']:,.2f} | {times} | {comp} | {rec} | "
+        lines.append(f"| {kept} | {label} | {r['perplexity']:,.2f} | {times} | {comp} | {rec} | "
                      f"{r['peak_rss_bytes'] / 2 ** 30:.2f} GiB |")
     return "\n".join(lines)
 
@@ -218,6 +227,8 @@ def main() -> None:
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--recovery-alpha", type=float, default=0.5)
     p.add_argument("--recovery-factors", choices=["both", "alternate"], default="both")
+    p.add_argument("--recovery-from", choices=["default", "loss-aware"], default="default",
+                   help="the compressed model that recovery training starts from")
     p.add_argument("--sample", default="The history of the Roman Empire",
                    help="a prompt the recovered model continues (greedy); empty: none")
     p.add_argument("--threads", type=int, default=2)

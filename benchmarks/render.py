@@ -196,6 +196,11 @@ def recovery_design(d: dict) -> str:
                   "held-out KL to the teacher"], ["---", "---:", "---", "---:", "---:", "---:", "---:", "---:"], rows)
 
 
+def int8_layers(d: dict) -> str:
+    from int8_layers import table as int8_table
+    return int8_table(d)
+
+
 def calibration_speed(d: dict) -> str:
     from calibration_speed import table as speed_table
     return speed_table(d)
@@ -271,16 +276,19 @@ def headline(_: dict | None = None) -> str:
     lm = used["benchmarks/results/llm.json"] = _load("benchmarks/results/llm.json")
     dense = next(r for r in lm["rows"] if r["method"] == "dense")["perplexity"]
     for ratio in sorted({r["ratio"] for r in lm["rows"] if r["method"] != "dense"}, reverse=True)[:2]:
-        got = {r["method"]: r for r in lm["rows"] if r["ratio"] == ratio}
+        got = {r["method"]: r for r in lm["rows"] if r["ratio"] == ratio and r["method"] != "recovered"}
         if "default" not in got or "svd-llm" not in got:
             continue
         text = (f"perplexity on held-out Wikipedia {got['default']['perplexity']:.1f} (SVD-LLM's method on the same "
                 f"data: {got['svd-llm']['perplexity']:.1f}; dense {dense:.2f})")
-        if "recovered" in got:
-            r = got["recovered"]
+        if "loss-aware" in got:
+            text += f", {got['loss-aware']['perplexity']:.1f} with loss-aware ranks (`--allocation fisher`)"
+        recovered = [r for r in lm["rows"] if r["ratio"] == ratio and r["method"] == "recovered"]
+        if recovered:
+            r = min(recovered, key=lambda r: r["perplexity"])
             cores = lm.get("provenance", {}).get("machine", {}).get("cores", "?")
-            text += (f"; {r['perplexity']:.1f} after {r['recovery_seconds'] / 60:.0f} minutes of recovery "
-                     f"training on {cores} CPU cores")
+            text += (f"; {r['perplexity']:.1f} ({r['perplexity'] / dense:.1f}x dense) after "
+                     f"{r['recovery_seconds'] / 60:.0f} minutes of recovery training on {cores} CPU cores")
         rows.append([f"SmolLM2-135M (pretrained), {ratio:g} of the block linear parameters kept", text,
                      "[transformers](docs/transformers.md)"])
     mini = used["benchmarks/results/minilm.json"] = _load("benchmarks/results/minilm.json")
@@ -336,6 +344,7 @@ TABLES = {  # name: (results file, renderer)
     "calibration-speed": ("benchmarks/results/calibration_speed.json", calibration_speed),
     "inference": ("benchmarks/results/inference.json", inference),
     "lm-speed": ("benchmarks/results/lm_speed.json", lm_speed),
+    "int8-layers": ("benchmarks/results/int8_layers.json", int8_layers),
     "scaling": ("benchmarks/results/scaling.json", scaling),
     "faults": ("benchmarks/results/faults.json", faults),
 }

@@ -263,3 +263,21 @@ def test_profile_names_where_the_time_of_a_compression_goes(tmp_path, capsys, se
                      "--out", str(tmp_path / "run")]) == 0
         assert "where the time went" in capsys.readouterr().out
         assert "statistics" in sc.read_info(tmp_path / "run").compression["profile"]
+
+
+def test_cli_fisher_allocation_of_a_causal_lm_says_which_ranks_it_kept(tmp_path, capsys):
+    texts = synthetic_sentences(400)
+    src = tmp_path / "src"
+    llama().model.save_pretrained(str(src))
+    make_tokenizer(src, texts)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(texts[:200]))
+    out = tmp_path / "run"
+    assert main(["compress", "--hf", str(src), "--ratio", "0.5", "--method", "whiten", "--allocation", "fisher",
+                 "--calib", str(text), "--seq-len", "16", "--calib-seqs", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ranks: fisher allocation, kept the " in printed and "uniform " in printed
+    saved = sc.read_info(out).compression
+    assert saved["allocation"]["objective"] == "fisher" and saved["allocation"]["chosen"] in \
+        saved["allocation"]["output_distance"]
+    assert isinstance(sc.load(out), CausalLM)

@@ -12,20 +12,20 @@ from .core.errors import ConfigError, DataError, FormatError, MissingDependency,
 from .core.factorize import svd, truncated_factors
 from .core.io import load, read_info, read_meta, save
 from .core.kinds import LayerKind, register_kind
-from .core.layers import LowRankConv1d, LowRankConv2d, LowRankLinear
+from .core.layers import Int8LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankLinear
 from .core.projection import ProjectedLinear
 from .core.rank import RankSpec, choose_rank
 from .core.report import CompressionReport, KeepDense, LayerReport
 from .core.runinfo import DataInfo, RunInfo
-from .core.swap import densify_, project_, unproject_
+from .core.swap import densify_, dequantize_, project_, quantize_, unproject_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Architecture", "CompressionReport", "ConfigError", "DataError", "DataInfo", "FormatError",
-    "KeepDense", "LayerKind", "LayerReport", "LowRankConv1d", "LowRankConv2d", "LowRankLinear",
-    "MissingDependency", "ProjectedLinear", "RankSpec", "RunInfo", "SVDCompressError",
-    "SVDConfig", "__version__", "choose_rank", "compress_", "densify_", "load", "project_",
-    "read_info", "read_meta", "register_architecture", "register_kind", "save", "svd",
-    "truncated_factors", "unproject_",
+    "Int8LowRankLinear", "KeepDense", "LayerKind", "LayerReport", "LowRankConv1d",
+    "LowRankConv2d", "LowRankLinear", "MissingDependency", "ProjectedLinear", "RankSpec",
+    "RunInfo", "SVDCompressError", "SVDConfig", "__version__", "choose_rank", "compress_",
+    "densify_", "dequantize_", "load", "project_", "quantize_", "read_info", "read_meta",
+    "register_architecture", "register_kind", "save", "svd", "truncated_factors", "unproject_",
 ]

@@ -266,7 +266,8 @@ def build_parser() -> Parser:
                    help="whitening damping, relative to the mean input energy (default 0.01)")
     s.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
                    help="with --ratio, per-layer ranks under one parameter budget: loss-aware "
-                   "(measured, calibrated), truncation-loss or global (relative error)")
+                   "(measured, calibrated), fisher (loss-aware from one backward pass: for "
+                   "language models), truncation-loss or global (relative error)")
     s.add_argument("--round-to", type=positive_int, help="round ranks up to a multiple of this (e.g. 8)")
     s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
                    "needs this many times fewer multiply-adds (with --speed-for: is measured this "

@@ -1,13 +1,17 @@
 """The command line's language-model and encoder commands: eval-embeddings, eval-lm,
-generate, and finetune of a causal-LM run (recovery training). cli.py holds the parser and
-the rest."""
+generate, finetune of a causal-LM run (recovery training), and quantize. cli.py holds the
+parser and the rest."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from .cli_types import UsageError, or_default, positive_int
 from .core.distill import Distill
+from .core.io import load, read_config, read_info, read_meta, save
+from .core.report import model_size
+from .core.swap import QUANTIZE, quantize_
 from .integrations.causal_lm import generate_run
 from .integrations.hf_runs import eval_embeddings_run, eval_lm_run
 from .integrations.recover_lm import LMTrainConfig, recover_lm_run
@@ -65,7 +69,27 @@ def cmd_generate(args) -> None:
         print(g["text"])
 
 
+def cmd_quantize(args) -> None:
+    """A run whose low-rank Linear layers hold int8 factors: an ordinary run, beside the
+    float one (its metrics are not carried over: they were measured on float factors)."""
+    model = load(args.run)
+    before = model_size(model)["bytes"]
+    layers = quantize_(model, args.scheme)
+    info = replace(read_info(args.run), source=str(args.run), metrics=None, history=None)
+    save(model, args.out, config=read_config(read_meta(args.run)), info=info, overwrite=args.overwrite)
+    print(f"{layers} low-rank Linear layer(s) now hold {args.scheme} factors; the model's parameters "
+          f"{before:,} -> {model_size(model)['bytes']:,} bytes; saved {args.out}")
+
+
 def add_eval_commands(sub) -> None:
+    s = sub.add_parser("quantize", help="store a compressed run's low-rank factors in int8 (a new run)")
+    s.add_argument("run")
+    s.add_argument("--scheme", choices=list(QUANTIZE), default="int8",
+                   help="int8: symmetric, a float32 scale per row of each factor (default)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_quantize)
+
     s = sub.add_parser("generate", help="continue a prompt with a causal-LM run (key-value cache)")
     s.add_argument("run", help="a compressed causal-LM run (or a Hugging Face directory)")
     s.add_argument("--prompt", required=True, help="the text to continue")

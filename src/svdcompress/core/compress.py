@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .kinds import LayerKind
 from .rank import (allocate, allocate_ranks, choose_rank, factorized_params, round_rank,
                    saves_parameters, tail_losses, truncation_error)
-from .sensitivity import OutputDistance, sensitivity
+from .sensitivity import MAX_BATCHES, OutputDistance, fisher_sensitivities, sensitivity
 from .speed import SPEED_FOR, fastest_rank, measured_speedup
 from .report import CompressionReport, KeepDense, LayerReport
 from .swap import candidate_modules, output_layer_name, replace_module, shared_weights
@@ -103,15 +103,24 @@ def _triplet_losses(dec: SVD, stats: Stats) -> torch.Tensor:
 
 
 def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs: dict,
-                      stats: dict, calibration: list, device) -> tuple[dict, dict]:
+                      stats: dict, calibration: list, device, profile: Profile | None = None
+                      ) -> tuple[dict, dict]:
     """Ranks under the budget minimising the summed truncation loss ("truncation-loss") or
-    the summed sensitivity-weighted loss ("loss-aware"); and what was measured, for the
-    report. Loss-aware ranks are checked: copies of the model are compressed with them, with
-    the truncation-loss and the global (relative-error) allocations, with uniform ranks (the
-    same share of every layer) and with the same rank in every layer, exactly as compress_
-    will but on three quarters of the calibration batches, and the ranks whose network
-    output on the last quarter (batches no copy was fitted to) is nearest the original's are
-    kept: loss-aware is never measurably further from the original than the others."""
+    the summed sensitivity-weighted loss ("loss-aware", "fisher"); and what was measured,
+    for the report. The weighted ranks are checked against the truncation-loss and the
+    global (relative-error) allocations, uniform ranks (the same share of every layer) and
+    the same rank in every layer, by the network's output on the last quarter of the
+    calibration batches, and the nearest to the original's is kept, so the weighted choice
+    is never measurably further from the original than the others:
+
+    * loss-aware: sensitivities measured by truncating each layer alone at two ranks; the
+      check compresses a copy of the model with each choice exactly as compress_ will, on
+      the other three quarters of the batches (a model of a few dozen layers);
+    * fisher: sensitivities from one backward pass over a few batches
+      (``fisher_sensitivities``); the check truncates every layer of the network at once by
+      its parallel decomposition (the spectra the ranks were chosen from), one forward pass
+      per choice (a language model of hundreds of layers: the loss-aware way would take a
+      pass per layer and rank and a whole compression per choice)."""
     shapes = {n: tuple(w.shape) for n, _, _, w in eligible}
     budget = int(config.ratio * sum(m * n for m, n in shapes.values()))
     tails = {n: tail_losses(_triplet_losses(decs[n], stats[n])) for n in shapes}
@@ -124,12 +133,18 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     held = max(1, len(calibration) // 4) if len(calibration) > 1 else 0
     fit_batches = calibration[:len(calibration) - held]
     distance = OutputDistance(model, calibration[len(calibration) - held:] if held else calibration, _run_batch)
-    slopes, trials = {}, {}
-    for name in shapes:
-        ranks = sorted({max(1, uniform[name] // 2), uniform[name]})
-        slopes[name], trials[name] = sensitivity(
-            distance, name, trunc[name], [(r, float(tails[name][r - 1]) if r <= len(tails[name]) else 0.0)
-                                          for r in ranks])
+    trials = None
+    if config.allocation == "fisher":
+        with phase(profile, "sensitivities (a backward pass)"):
+            slopes = fisher_sensitivities(model, {n: m for n, m, _, _ in eligible},
+                                          fit_batches[:MAX_BATCHES], _run_batch)
+    else:
+        slopes, trials = {}, {}
+        for name in shapes:
+            ranks = sorted({max(1, uniform[name] // 2), uniform[name]})
+            slopes[name], trials[name] = sensitivity(
+                distance, name, trunc[name], [(r, float(tails[name][r - 1]) if r <= len(tails[name]) else 0.0)
+                                              for r in ranks])
     known = sorted(v for v in slopes.values() if v is not None)
     typical = known[len(known) // 2] if known else 1.0
     floor = 1e-3 * typical  # a layer whose truncation did not move the output still costs
@@ -138,7 +153,7 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
     rank = budget // sum(m + n for m, n in shapes.values())  # one rank D everywhere
     same = {n: min(rank, *shapes[n]) for n in shapes} if rank >= 1 else uniform
     candidates = {}  # the first of equal rank choices keeps its name
-    for label, choice in (("loss-aware", ranks),
+    for label, choice in ((config.allocation, ranks),
                           ("truncation-loss", by_loss),
                           ("global", allocate_ranks({n: (decs[n].S, shapes[n]) for n in shapes}, budget)),
                           ("uniform", uniform), ("same rank", same)):
@@ -146,6 +161,11 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
             candidates[label] = choice
     measured = {}
     for label, choice in candidates.items():
+        if config.allocation == "fisher":  # every layer truncated at once, no refit
+            with phase(profile, "allocations checked (truncated networks)"):
+                measured[label] = distance.with_layers(
+                    {n: trunc[n](r) for n, r in choice.items() if r is not None and saves_parameters(r, shapes[n])})
+            continue
         trial = copy.deepcopy(model)
         with warnings.catch_warnings():  # the real compression warns, once
             warnings.simplefilter("ignore")
@@ -153,9 +173,9 @@ def _allocate_by_loss(model: nn.Module, config: SVDConfig, eligible: list, decs:
         measured[label] = distance(trial)
         del trial
     chosen = min(measured, key=measured.get)
-    return candidates[chosen], {
-        "objective": config.allocation, "chosen": chosen, "output_distance": measured,
-        "sensitivity": weights, "trials": trials}
+    found = {"objective": config.allocation, "chosen": chosen, "output_distance": measured,
+             "sensitivity": weights}
+    return candidates[chosen], found if trials is None else {**found, "trials": trials}
 
 
 def _factorize(kind: LayerKind, module: nn.Module, dec: SVD, rank: int) -> nn.Module:
@@ -307,10 +327,14 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
     elif config.allocation in DATA_ALLOCATIONS:
         with phase(profile, "allocation"):
             ranks, report.allocation = _allocate_by_loss(model, config, eligible, decs, stats,
-                                                         calibration, device)
+                                                         calibration, device, profile)
     else:  # a fixed rank or a parameter ratio needs no spectrum
         ranks = {n: choose_rank(decs[n].S if n in decs else None, config.spec, shapes[n])
                  for n in shapes}
+    # the block-wise path collects its own statistics: drop what only the ranks needed (a
+    # language model's whole-network statistics and spectra are gigabytes)
+    stats = {n: v for n, v in stats.items() if n not in in_blocks}
+    decs = {n: v for n, v in decs.items() if n not in in_blocks or not whiten}
     todo = {}
     for name, module, kind, matrix in eligible:
         rank, shape = ranks[name], shapes[name]

@@ -26,8 +26,8 @@ def _normalize_pattern(field: str, value):
                      f"got {value!r}")
 
 
-ALLOCATIONS = ("uniform", "global", "truncation-loss", "loss-aware")
-DATA_ALLOCATIONS = ("truncation-loss", "loss-aware")  # these need calibration batches
+ALLOCATIONS = ("uniform", "global", "truncation-loss", "loss-aware", "fisher")
+DATA_ALLOCATIONS = ("truncation-loss", "loss-aware", "fisher")  # these need calibration batches
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ class SVDConfig:
         output error on the calibration inputs, as SVD-LLM V2) or "loss-aware" (that loss
         times the layer's measured sensitivity, the change of the network's output per
         unit of it; kept only when the network's output on the calibration data is nearer
-        the original's than with uniform ranks). The last two need calibration batches.
+        the original's than with uniform ranks) or "fisher" (loss-aware for a model of
+        hundreds of layers, a language model: the sensitivity from one backward pass, the
+        check by truncating the whole network at once; compress.py says how). The last three
+        need calibration batches.
     select_fit: (whiten only) choose each layer's fit (plain, whitened, compensated with
         a shrunk correction) by its output error on held-out calibration rows, the last
         quarter of each batch, and refit the winner on all rows, so that few calibration

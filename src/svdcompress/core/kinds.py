@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FormatError
-from .layers import LowRankConv1d, LowRankConv2d, LowRankLinear
+from .layers import Int8LowRankLinear, LowRankConv1d, LowRankConv2d, LowRankLinear
 from .projection import ProjectedLinear
 from .report import KeepDense
 
@@ -165,6 +165,22 @@ class ProjectedKind(LinearKind):
         return rows * module.rank * (module.in_features + module.out_features)
 
 
+class Int8LinearKind(LinearKind):
+    """A low-rank Linear with int8 factors (``quantize_``): saved and loaded like the others,
+    its int8 factors and float32 scales in the safetensors file."""
+
+    name, dense, low_rank = "linear-int8", None, Int8LowRankLinear
+
+    def rebuild(self, entry, current):
+        m, n = self._shape(entry, current)
+        return Int8LowRankLinear(n, m, need_rank(entry, (m, n)), bias=need(entry, "bias", bool),
+                                 device=current.weight.device, dtype=current.weight.dtype)
+
+    def macs(self, module, out):
+        rows = out.numel() // out.shape[-1] if out.dim() else 1
+        return rows * module.rank * (module.in_features + module.out_features)
+
+
 class Conv2dKind(LayerKind):
     name, dense, low_rank, dims = "conv2d", nn.Conv2d, LowRankConv2d, 2
 
@@ -286,5 +302,5 @@ def kind_named(name) -> LayerKind:
     return _KINDS[name]
 
 
-for _kind in (LinearKind(), ProjectedKind(), Conv2dKind(), Conv1dKind()):
+for _kind in (LinearKind(), ProjectedKind(), Int8LinearKind(), Conv2dKind(), Conv1dKind()):
     register_kind(_kind)

@@ -100,7 +100,40 @@ def _init_factors(u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -
         nn.init.zeros_(bias)
 
 
-class LowRankLinear(nn.Module):
+class _FactoredLinear(nn.Module):
+    """What the two Linear layers of factors share: the dense weight's stand-in and shape,
+    the dense product u @ v, and the dense layer it stands for."""
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    @property
+    def weight(self) -> FactoredWeight:
+        """The dense weight's stand-in: dtype, device and shape, and ``weight()`` = u @ v."""
+        return FactoredWeight(self)
+
+    @property
+    def dense_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense (m x n) weight u @ v."""
+        return self.u @ self.v
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        u = self.u
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=u.device, dtype=u.dtype)
+        return _fill(dense, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+class LowRankLinear(_FactoredLinear):
     """``x -> u (v x) + b``: a Linear layer of rank D as two matmuls."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
@@ -135,31 +168,8 @@ class LowRankLinear(nn.Module):
         u, v = truncated_factors(linear.weight, rank)
         return cls.from_factors(u, v, linear.bias)
 
-    @property
-    def weight(self) -> FactoredWeight:
-        """The dense weight's stand-in: dtype, device and shape, and ``weight()`` = u @ v."""
-        return FactoredWeight(self)
-
-    @property
-    def dense_shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense (m x n) weight u @ v."""
-        return self.u @ self.v
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.v), self.u, self.bias)
-
-    @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.u.device, dtype=self.u.dtype)
-        return _fill(dense, self.dense_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
 
 
 def _tuple(x, dims: int) -> tuple[int, ...]:
@@ -278,3 +288,68 @@ class LowRankConv1d(_LowRankConv):
     @classmethod
     def from_conv1d(cls, conv: nn.Conv1d, rank: int) -> "LowRankConv1d":
         return cls.from_conv(conv, rank)
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per row: t ~ q * scale[:, None], |q| <= 127
+    (an all-zero row gets scale 1)."""
+    t32 = t.detach().float()
+    scale = t32.abs().amax(1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(t32 / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8LowRankLinear(_FactoredLinear):
+    """A ``LowRankLinear`` whose factors are stored in int8 with a float32 scale per row of
+    each (per output of u, per rank direction of v): a quarter of float32's bytes, in the
+    run's file and in memory. ``x -> ((x v_q^T) * v_scale) u_q^T * u_scale + b``, each factor
+    converted to the input's dtype as it is used: on CPUs without int8 dot-product
+    instructions torch's int8 kernels are slower than that (docs/inference.md has the
+    measurements). Not trainable: ``dequantize_`` gives float factors back."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        check_rank(rank)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        frozen = lambda *shape, dt: nn.Parameter(torch.zeros(*shape, dtype=dt, device=device),  # noqa: E731
+                                                 requires_grad=False)
+        self.u_int8, self.u_scale = frozen(out_features, rank, dt=torch.int8), frozen(out_features, dt=torch.float32)
+        self.v_int8, self.v_scale = frozen(rank, in_features, dt=torch.int8), frozen(rank, dt=torch.float32)
+        self.bias = frozen(out_features, dt=self.compute_dtype) if bias else None
+
+    @classmethod
+    def from_low_rank(cls, layer: LowRankLinear) -> "Int8LowRankLinear":
+        out = cls(layer.in_features, layer.out_features, layer.rank, bias=layer.bias is not None,
+                  device=layer.u.device, dtype=layer.u.dtype)
+        with torch.no_grad():
+            for name, factor in (("u", layer.u), ("v", layer.v)):
+                q, scale = quantize_rows(factor)
+                getattr(out, f"{name}_int8").copy_(q)
+                getattr(out, f"{name}_scale").copy_(scale)
+            if layer.bias is not None:
+                out.bias.copy_(layer.bias)
+        return out
+
+    @property
+    def u(self) -> torch.Tensor:
+        """The dequantized output factor (m x D), in the compute dtype."""
+        return (self.u_int8.float() * self.u_scale[:, None]).to(self.compute_dtype)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return (self.v_int8.float() * self.v_scale[:, None]).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.v_int8.to(x.dtype)) * self.v_scale.to(x.dtype)
+        y = F.linear(h, self.u_int8.to(x.dtype)) * self.u_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    @torch.no_grad()
+    def to_float(self) -> LowRankLinear:
+        """The float factors these int8 ones stand for (exactly their dequantized values)."""
+        return LowRankLinear.from_factors(self.u, self.v, self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", int8 factors"

@@ -135,7 +135,8 @@ def allocate(curves: dict[str, tuple[np.ndarray, tuple[int, int]]], budget: int,
     ``budget``. Solved exactly by dynamic programming over the budget in units of the
     costs' greatest common divisor; when that would need more than ``max_units`` units the
     costs are rounded up to a coarser unit, which keeps the budget and may leave a sliver
-    of it unused.
+    of it unused. A program of more than MAX_WORK steps (a language model's hundreds of
+    layers) is solved by a price on parameters instead (``_allocate_by_price``).
     """
     choices = {}  # name -> list of (cost, loss, rank or None)
     for name, (loss, (m, n)) in curves.items():
@@ -153,6 +154,8 @@ def allocate(curves: dict[str, tuple[np.ndarray, tuple[int, int]]], budget: int,
     if budget // unit > max_units:
         unit = math.ceil(budget / max_units)
     size = budget // unit + 1
+    if sum(len(opts) for opts in choices.values()) * size > MAX_WORK:
+        return _allocate_by_price(choices, budget)
     inf = float("inf")
     best = np.zeros(size)  # best[b]: least total error with at most b units spent so far
     picks = []
@@ -176,3 +179,53 @@ def allocate(curves: dict[str, tuple[np.ndarray, tuple[int, int]]], budget: int,
         out[name] = rank
         b -= -(-cost // unit)
     return dict(reversed(list(out.items())))
+
+
+MAX_WORK = 3e9  # options x budget units of the exact program (SmolLM2's 210 layers: 3e10)
+
+
+def _allocate_by_price(choices: dict[str, list], budget: int) -> dict[str, int | None]:
+    """``allocate`` by a price per parameter (Lagrangian relaxation): every layer takes the
+    option of least loss + price x cost, with the least price whose choice fits the budget
+    (bisection); what is left of the budget then buys, one at a time, the upgrade of most
+    loss saved per parameter that still fits. Exact for the lower convex hull of each
+    layer's (cost, loss) curve, and within one layer's step of the optimum otherwise (tested
+    against the exact program)."""
+    names = list(choices)
+    cost = [np.array([c for c, _, _ in choices[n]], dtype=np.float64) for n in names]
+    loss = [np.array([e for _, e, _ in choices[n]], dtype=np.float64) for n in names]
+
+    def pick(price: float) -> list[int]:
+        return [int(np.argmin(e + price * c)) for c, e in zip(cost, loss)]
+
+    def spent(p: list[int]) -> float:
+        return sum(float(c[i]) for c, i in zip(cost, p))
+
+    best = pick(0.0)
+    if spent(best) > budget:
+        hi = 1e-12
+        while spent(pick(hi)) > budget:  # at a high enough price every layer takes its cheapest
+            hi *= 2
+        lo = hi / 2 if hi > 1e-12 else 0.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if spent(pick(mid)) > budget else (lo, mid)
+        best = pick(hi)
+    left = budget - spent(best)
+    while True:  # spend the rest on the best upgrades that fit
+        gain, where = 0.0, None
+        for j, (c, e) in enumerate(zip(cost, loss)):
+            extra = c - c[best[j]]
+            saved = e[best[j]] - e
+            ok = (extra > 0) & (extra <= left) & (saved > 0)
+            if ok.any():
+                rate = np.where(ok, saved / np.where(extra > 0, extra, 1), -1.0)
+                k = int(np.argmax(rate))
+                if rate[k] > gain:
+                    gain, where = float(rate[k]), (j, k)
+        if where is None:
+            break
+        j, k = where
+        left -= float(cost[j][k] - cost[j][best[j]])
+        best[j] = k
+    return {n: choices[n][i][2] for n, i in zip(names, best)}

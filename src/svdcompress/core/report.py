@@ -100,6 +100,11 @@ class CompressionReport:
         ratio = self.params_after / max(1, self.params_before)
         lines.append(f"total: {self.params_before:,} -> {self.params_after:,} parameters in "
                      f"these layers ({ratio:.1%} kept)")
+        if self.allocation and self.allocation.get("chosen"):
+            found = self.allocation.get("output_distance", {})
+            lines.append(f"ranks: {self.allocation['objective']} allocation, kept the {self.allocation['chosen']} "
+                         "choice; output distance to the original on held-out calibration batches: "
+                         + ", ".join(f"{k} {v:.4g}" for k, v in found.items()))
         return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from .swap import replace_module
 
 MAX_BATCHES = 4  # calibration batches the output distances are measured on ...
 MAX_BYTES = 256 * 2 ** 20  # ... while their reference outputs fit in this
+CHUNK_ELEMENTS = 2 ** 24  # outputs (logits) handled at once by a distance or a backward pass
 
 
 def first_tensor(out) -> torch.Tensor:
@@ -66,11 +67,14 @@ class OutputDistance:
         with _eval(model):
             for batch, ref in zip(self.batches, self.reference):
                 out = first_tensor(self.forward(model, batch)).float()
-                if self.logits:
-                    kl = F.kl_div(F.log_softmax(out.double(), -1), F.log_softmax(ref.double(), -1),
-                                  reduction="sum", log_target=True)
-                    sums[0] += float(kl)
-                    sums[1] += ref[..., 0].numel()  # rows
+                if self.logits:  # in slices of rows: a language model's logits are large
+                    out, ref = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+                    step = max(1, CHUNK_ELEMENTS // max(1, out.shape[-1]))
+                    for i in range(0, len(out), step):
+                        sums[0] += float(F.kl_div(F.log_softmax(out[i:i + step].double(), -1),
+                                                  F.log_softmax(ref[i:i + step].double(), -1),
+                                                  reduction="sum", log_target=True))
+                    sums[1] += len(ref)  # rows
                 else:
                     sums[0] += float((out - ref).double().square().sum())
                     sums[1] += float(ref.double().square().sum())
@@ -112,3 +116,106 @@ def sensitivity(distance: OutputDistance, name: str, truncated: Callable[[int], 
     if not den > 0:
         return None, points
     return max(0.0, sum(p["loss"] * p["distance"] for p in points) / den), points
+
+
+class _OutputGrads:
+    """Hooks that make each named layer's output a node of the autograd graph (by adding a
+    zero that requires grad, so no weight needs a gradient) and sum the squared gradient
+    arriving there and its element count: sums[name], count[name]."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.sums = {n: 0.0 for n in modules}
+        self.count = {n: 0 for n in modules}
+        self.zero = torch.zeros((), requires_grad=True)
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            out = out + self.zero.to(out.dtype)
+
+            def grab(grad: torch.Tensor) -> None:
+                self.sums[name] += float(grad.detach().double().square().sum())
+                self.count[name] += grad.numel()
+            out.register_hook(grab)
+            return out
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def fisher_sensitivities(model: nn.Module, modules: dict[str, nn.Module], batches: list,
+                         forward: Callable, seed: int = 0) -> dict[str, float | None]:
+    """Each layer's sensitivity from one backward pass per batch, without a trial truncation:
+    E over rows of ||g||^2 / (the layer's output width), g the gradient at the layer's output
+    of the log-likelihood of labels sampled from the model's own prediction (a model whose
+    outputs are logits) or of a Gaussian random projection of its output (any other model).
+
+    Both are unbiased samples of the trace of the Hessian of the output distance
+    (OutputDistance) with respect to that layer's output (for logits, the Fisher
+    information, the Hessian of the KL divergence at the original model). An error dy in
+    the layer's output, in no particular direction, moves the distance by about
+    (that trace / the width) ||dy||^2 / 2: so this weighs a layer's truncation loss (its
+    E||dy||^2 on the calibration inputs) the way the measured slope of ``sensitivity``
+    does, at the cost of one forward and backward pass over ``batches`` instead of two
+    trial passes per layer. Under torchrun, summed over every process's batches. None for a
+    layer no gradient reached."""
+    logits = bool(getattr(model, "output_is_logits", False))
+    gen = torch.Generator().manual_seed(seed)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in frozen:  # the gradients at the layers' outputs only: no weight gradient
+        p.requires_grad_(False)
+    grads = _OutputGrads(modules)
+    was = model.training
+    model.eval()  # no dropout: the gradients of the deployed model
+    try:
+        step = 1  # rows of a batch per pass: one, until one pass says how large a row's output is
+        with torch.enable_grad():
+            for batch in batches:
+                rows, start = _rows(batch), 0
+                while start < rows:
+                    n = min(step, rows - start)
+                    part = _slice(batch, start, start + n) if rows > 1 else batch
+                    out = first_tensor(forward(model, part))
+                    flat = out.reshape(-1, out.shape[-1]).float()
+                    if logits:
+                        probs = torch.softmax(flat.detach(), -1).cpu()
+                        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(out.device)
+                        del probs
+                        loss = F.cross_entropy(flat, labels, reduction="sum")
+                    else:
+                        loss = (flat * torch.randn(flat.shape, generator=gen).to(flat.device)).sum()
+                    if loss.requires_grad:  # else no target layer reaches the output
+                        loss.backward()
+                    start += n
+                    step = max(1, CHUNK_ELEMENTS * n // max(1, out.numel()))
+                    del out, flat, loss
+    finally:
+        grads.remove()
+        model.train(was)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    sums = torch.tensor([[grads.sums[n], float(grads.count[n])] for n in modules], dtype=torch.float64)
+    dist.sum_(sums)  # E||g||^2 / width = (sum of g^2) / (rows x width = the elements)
+    return {n: float(s) / c if c > 0 else None for n, (s, c) in zip(modules, sums.tolist())}
+
+
+def _rows(batch) -> int:
+    """The batch's rows (leading size of its tensors); 1 when it has no tensor to slice."""
+    tensors = [batch] if isinstance(batch, torch.Tensor) else list(batch.values()) \
+        if isinstance(batch, dict) else list(batch) if isinstance(batch, (tuple, list)) else []
+    sizes = {t.shape[0] for t in tensors if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else 1
+
+
+def _slice(batch, start: int, stop: int):
+    """Rows start:stop of every tensor of a batch (a tensor, a tuple or a dict of them)."""
+    cut = lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+    if isinstance(batch, dict):
+        return {k: cut(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(cut(t) for t in batch)
+    return cut(batch)

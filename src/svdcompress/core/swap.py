@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .kinds import LayerKind, any_kind, dense_kind, low_rank_kind
-from .layers import check_rank
+from .layers import Int8LowRankLinear, LowRankLinear, check_rank
 from .projection import ProjectedLinear
 
 
@@ -128,3 +128,31 @@ def unproject_(model: nn.Module) -> list[str]:
     for name in names:
         replace_module(model, name, model.get_submodule(name).to_low_rank())
     return names
+
+
+QUANTIZE = ("int8",)
+
+
+def quantize_(model: nn.Module, scheme: str = "int8") -> int:
+    """Store every low-rank Linear's factors in int8 with a float32 scale per row (in
+    place); returns how many layers. Quantize last: after recovery training, the factors
+    are no longer trainable (``dequantize_`` gives float ones back). Low-rank convolutions
+    and dynamic training's projected layers stay as they are."""
+    if scheme not in QUANTIZE:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {scheme!r}")
+    done = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is LowRankLinear:
+            replace_module(model, name, Int8LowRankLinear.from_low_rank(module).train(module.training))
+            done += 1
+    if not done:
+        raise ConfigError("nothing to quantize: the model has no low-rank Linear layer (compress it first)")
+    return done
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Int8 factors back to float ones (exactly their dequantized values), in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8LowRankLinear):
+            replace_module(model, name, module.to_float().train(module.training))
+    return model
