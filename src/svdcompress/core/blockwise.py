@@ -27,11 +27,15 @@ from tqdm.auto import tqdm
 
 from .calibrate import Moments
 from .kinds import dense_kind, low_rank_kind
+from .lockstep import lockstep_block
 from .profile import Profile, phase
 
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
+
+
+LOCKSTEP = True  # sequential calibration: one pass of each block per batch (tests compare with False)
 
 
 def _to(obj, device):
@@ -273,8 +277,9 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
     device = torch.device(device or "cpu")
     original = list(streams)  # the original network's block inputs
     compressed = [s.hidden for s in streams] if sequential else None
-    bar = tqdm(list(enumerate(blocks)), desc="calibrating blocks", disable=not progress, leave=False)
-    for i, block in bar:
+    last = max((i for i in range(len(blocks)) if any(n.startswith(f"{prefix}.{i}.") for n in names)), default=-1)
+    bar = tqdm(list(enumerate(blocks))[:last + 1], desc="calibrating blocks", disable=not progress, leave=False)
+    for i, block in bar:  # (the blocks after the last with target layers need no pass)
         home = next(block.parameters()).device
         block.to(device).eval()
         here = f"{prefix}.{i}."
@@ -295,20 +300,32 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                 first = None
                 kept.append(rows_of)
                 original[j] = s.moved(out.to(s.hidden.device))
-            for k, group in enumerate(groups):  # in run order: each fitted after those before it changed
+
+            def fit_group(k, group, rows_by_batch):
                 stats = Moments()
-                for j, s in enumerate(original):
-                    with phase(profile, "block passes (compressed stream)"):
-                        ys, = group_rows(block, [group], s, device, compressed[j], index=i)
-                    with phase(profile, "statistics"):
+                with phase(profile, "statistics"):
+                    for j, ys in enumerate(rows_by_batch):
                         for x, y in zip(kept[j][k], ys):  # call by call
                             stats.add(y, x)
-                    kept[j][k] = None
-                with phase(profile, "statistics"):
+                        kept[j][k] = None
                     stats = stats.stats(here + group.names[0])
                 for name in group.names:
                     finish(here + name, stats)
-            if i + 1 < len(blocks):  # the outputs feed the next block (after the last, none)
+
+            fitted = 0
+            if groups and LOCKSTEP and all(g.calls == 1 for g in groups):  # one pass per batch
+                fitted = lockstep_block(block, groups, original, compressed, kept, fit_group, device, i,
+                                         profile)
+            if fitted < len(groups):  # a layer called more than once per pass, or passes out of
+                # step: partial passes, group by group, each fitted after those before it changed
+                for k, group in list(enumerate(groups))[fitted:]:
+                    rows = []
+                    for j, s in enumerate(original):
+                        with phase(profile, "block passes (compressed stream)"):
+                            rows.append(group_rows(block, [group], s, device, compressed[j], index=i)[0])
+                    fit_group(k, group, rows)
+            if (fitted < len(groups) or not groups) and i + 1 < len(blocks):  # the outputs feed
+                # the next block (after the last, none)
                 with phase(profile, "block passes (compressed stream)"):
                     for j, s in enumerate(original):
                         compressed[j] = s.run(block, device, compressed[j], i).to(s.hidden.device)

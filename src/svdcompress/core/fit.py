@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 
 from .calibrate import Stats
-from .factorize import SVD, thin_svd, compensated_svd, split, svd, whitened_svd
+from .factorize import SVD, compute_dtype, thin_svd, compensated_svd, split, svd, whitened_svd
 
 SHRINK = (1e-2, 1e-1, 1.0)  # ridge strengths of the compensation, x mean input energy
 STRONG_DAMPING = 1.0
 ROWS_PER_INPUT = 4  # fewer calibration rows than this many per input feature: warn
+CLOSE_CALL = 1e-4  # float32 scores this close (x the largest) are redone in float64
 SKETCH_FROM = 256  # layers this large score a small rank's candidates by a randomized SVD
 
 
@@ -84,9 +85,16 @@ class _Basis:
         self.held = self.q.T @ held_gram @ self.q  # Q^T G_held Q
         self.held_cross = held_cross @ self.q  # A_held Q: W A_held Q is each layer's
         self.shift = None if stats.fit[1] is None else (cross - gram) @ self.q  # (A - G) Q
+        self._held = {}
 
     def root(self, damping: float) -> torch.Tensor:
         return (self.lam + damping * self.scale).sqrt()
+
+    def held_dt(self, dtype: torch.dtype) -> torch.Tensor:
+        """Q^T G_held Q in ``dtype`` (made once per input, for every layer fed it)."""
+        if dtype not in self._held:
+            self._held[dtype] = self.held.to(dtype)
+        return self._held[dtype]
 
 
 def _basis(stats: Stats) -> _Basis:
@@ -95,25 +103,26 @@ def _basis(stats: Stats) -> _Basis:
     return stats.cache["basis"]
 
 
-def _truncation_error(b: torch.Tensor, root: torch.Tensor, rank: int, basis: _Basis,
-                      y: torch.Tensor) -> float:
+def _truncation_error(b: torch.Tensor, root: torch.Tensor, rank: int, n: torch.Tensor,
+                      y: torch.Tensor, gram: torch.Tensor | None = None) -> float:
     """held_out_error of the rank-D truncation of B = T Q diag(root) (a candidate's target T
     whitened), W_D = [B]_D diag(1/root) Q^T, with N = diag(1/root) Q^T G_held Q diag(1/root)
-    and Y = W A_held Q diag(1/root):  sum_i s_i^2 v_i^T N v_i - 2 s_i u_i^T Y v_i  over the
-    top-D singular triplets (s_i, u_i, v_i) of B: exact, from the eigenvectors of B^T B or
-    B B^T, whichever is smaller (a third of an SVD's time); for a layer SKETCH_FROM or more
-    wide at a rank under a quarter of its smaller side, from a randomized SVD, as the
-    reference does."""
-    n = basis.held / root[:, None] / root[None, :]
+    (``n``: Q^T G_held Q) and Y = W A_held Q diag(1/root) (``y``: W A_held Q):
+    sum_i s_i^2 v_i^T N v_i - 2 s_i u_i^T Y v_i  over the top-D singular triplets
+    (s_i, u_i, v_i) of B: exact, from the eigenvectors of B^T B (``gram`` when the caller
+    has it) or B B^T, whichever is smaller (a third of an SVD's time); for a
+    layer SKETCH_FROM or more wide at a rank under a quarter of its smaller side, from a
+    randomized SVD, as the reference does. In the dtype of its arguments."""
+    n = n / root[:, None] / root[None, :]
     y = y / root
-    m_rows, n_cols = b.shape
-    sketch = min(m_rows, n_cols) >= SKETCH_FROM and rank + 10 < min(m_rows, n_cols) // 4
+    m_rows, n_cols = y.shape
+    sketch = _sketched(m_rows, n_cols, rank)
     if sketch or m_rows >= n_cols:
         if sketch:
             u, s, vh = thin_svd(b, rank)
             u, s, v = u[:, :rank], s[:rank], vh[:rank].T
         else:  # right singular vectors: B^T B = V diag(s^2) V^T
-            evals, vecs = torch.linalg.eigh(b.T @ b)
+            evals, vecs = torch.linalg.eigh(b.T @ b if gram is None else gram)
             v, s = vecs[:, -rank:], evals[-rank:].clamp_min(0).sqrt()
             u = None
         first = float((s * s * ((n @ v) * v).sum(0)).sum())
@@ -127,13 +136,41 @@ def _truncation_error(b: torch.Tensor, root: torch.Tensor, rank: int, basis: _Ba
     return first - 2 * second
 
 
+def _sketched(m_rows: int, n_cols: int, rank: int) -> bool:
+    """Whether a candidate is scored from a randomized SVD (see ``_truncation_error``)."""
+    return min(m_rows, n_cols) >= SKETCH_FROM and rank + 10 < min(m_rows, n_cols) // 4
+
+
+def _grams(wq: torch.Tensor, shift: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The products every candidate's B^T B is made of: B = WQ diag(r1) + S diag(r2), so
+    B^T B = r1 (Q^T W^T W Q) r1 + r1 (Q^T W^T S) r2 + its transpose + r2 (S^T S) r2 (the r's
+    diagonal): three n x n products per layer instead of one per candidate."""
+    out = {"pp": wq.T @ wq}
+    if shift is not None:
+        out["ps"], out["ss"] = wq.T @ shift, shift.T @ shift
+    return out
+
+
+def _candidate_gram(g: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tensor | None) -> torch.Tensor:
+    out = r1[:, None] * g["pp"] * r1[None, :]
+    if r2 is not None:
+        cross = r1[:, None] * g["ps"] * r2[None, :]
+        out = out + cross + cross.T + r2[:, None] * g["ss"] * r2[None, :]
+    return out
+
+
 def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dict[str, float] | None:
     """held_out_error of every candidate's rank-D fit on the fit rows (the labels of
     ``candidates``), exact, from one shared eigendecomposition per input (``_Basis``) and
     one eigendecomposition of a Gram matrix of min(m, n) per candidate; None when the
     inputs carry no energy or there is no damping (the reference path handles those). A
     layer with fewer outputs than inputs whose input has no basis yet (a down projection,
-    alone in its group) is scored on its output side instead (``_output_side_scores``)."""
+    alone in its group) is scored on its output side instead (``_output_side_scores``).
+
+    The shared basis is float64; each candidate's eigendecomposition and products run in
+    the weight's compute dtype (float32 for a float32 or half model, as its final SVD
+    does: twice as fast, and its round-off, ~1e-6 of the layer's output energy, is far
+    below the differences between candidates that decide anything)."""
     if not damping > 0:
         return None
     if "basis" not in stats.cache and weight.shape[0] < weight.shape[1]:
@@ -141,19 +178,28 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dic
     basis = _basis(stats)
     if not basis.scale > 0:
         return None
+    dt = compute_dtype(weight.dtype)
     w = weight.detach().to(torch.float64)
-    wq, y = w @ basis.q, w @ basis.held_cross
-    root = basis.root(damping)
-    out = {"plain": (wq, torch.ones_like(root)), "whiten": (wq * root, root)}
+    wq, y = (w @ basis.q).to(dt), (w @ basis.held_cross).to(dt)
+    n = basis.held_dt(dt)
+    shift = None if basis.shift is None else (w @ basis.shift).to(dt)
+    roots = {"plain": (torch.ones_like(basis.lam), None), "whiten": (basis.root(damping), None)}
     if damping < STRONG_DAMPING:
-        strong = basis.root(STRONG_DAMPING)
-        out[f"whiten damping={STRONG_DAMPING:g}"] = (wq * strong, strong)
-    if basis.shift is not None:
-        shift = w @ basis.shift
-        for lam in SHRINK:  # T = W + W (A - G) (G + lam s I)^-1, whitened
-            out[f"compensated shrink={lam:g}"] = \
-                (wq * root + shift * (root / (basis.lam + lam * basis.scale)), root)
-    return {label: _truncation_error(b, r, rank, basis, y) for label, (b, r) in out.items()}
+        roots[f"whiten damping={STRONG_DAMPING:g}"] = (basis.root(STRONG_DAMPING), None)
+    if shift is not None:  # T = W + W (A - G) (G + lam s I)^-1, whitened
+        root = basis.root(damping)
+        for lam in SHRINK:
+            roots[f"compensated shrink={lam:g}"] = (root, root / (basis.lam + lam * basis.scale))
+    m_rows, n_cols = wq.shape
+    shared = _grams(wq, shift) if m_rows >= n_cols and not _sketched(m_rows, n_cols, rank) else None
+    out = {}
+    for label, (r1, r2) in roots.items():
+        r1 = r1.to(dt)
+        r2 = None if r2 is None else r2.to(dt)
+        b = wq * r1 if r2 is None else wq * r1 + shift * r2
+        gram = None if shared is None else _candidate_gram(shared, r1, r2)
+        out[label] = _truncation_error(b, r1, rank, n, y, gram)
+    return out
 
 
 def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float
@@ -163,14 +209,16 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     T M T^T (m x m); its error is tr U^T (T G_h T^T - 2 W A_h T^T) U. With
     S = W (A - G) (G + k s I)^-1 (one Cholesky solve per shrink k), T = W + S and
     S G = W (A - G) - k s S, every m x m term comes from products of m x n matrices."""
-    f64 = torch.float64
-    gram = stats.fit[0].to(f64)
-    scale = float(torch.diagonal(gram).mean())
+    f64, dt = torch.float64, compute_dtype(weight.dtype)
+    gram64 = stats.fit[0].to(f64)
+    scale = float(torch.diagonal(gram64).mean())
     if not scale > 0:
         return None
-    held = stats.held[0].to(f64)
-    held_cross = held if stats.held[1] is None else stats.held[1].to(f64)
-    w = weight.detach().to(f64)
+    # products in the weight's compute dtype (as in ``scores``); the ridge solves in float64
+    gram = gram64.to(dt)
+    held = stats.held[0].to(dt)
+    held_cross = held if stats.held[1] is None else stats.held[1].to(dt)
+    w = weight.detach().to(dt)
     w_a = w @ held_cross  # W A_h
     base = {"ww": w @ w.T, "wgw": (w @ gram) @ w.T, "wgh": (w @ held) @ w.T, "wa": w_a @ w.T}
 
@@ -186,12 +234,14 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     if damping < STRONG_DAMPING:
         out[f"whiten damping={STRONG_DAMPING:g}"] = error(metric(STRONG_DAMPING), base["wgh"], base["wa"])
     if stats.fit[1] is not None:
-        r = w @ (stats.fit[1].to(f64) - gram)  # W (A - G), the compensation's numerator
+        # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
+        r = w @ (stats.fit[1].to(f64) - gram64).to(dt)
+        r64 = r.to(f64).T
         eye = torch.eye(gram.shape[0], dtype=f64, device=gram.device)
         rw = r @ w.T
         for lam in SHRINK:
-            chol = torch.linalg.cholesky(gram + lam * scale * eye)
-            shift = torch.cholesky_solve(r.T, chol).T  # S = R (G + lam s I)^-1
+            chol = torch.linalg.cholesky(gram64 + lam * scale * eye)
+            shift = torch.cholesky_solve(r64, chol).T.to(dt)  # S = R (G + lam s I)^-1
             sw, ss, rs = shift @ w.T, shift @ shift.T, r @ shift.T
             sg_w, sg_s = rw - lam * scale * sw, rs - lam * scale * ss  # S G W^T, S G S^T
             k_mat = metric(damping) + sg_w + sg_w.T + sg_s + damping * scale * (sw + sw.T + ss)
@@ -216,6 +266,12 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
         return default_fit(weight, stats, damping)
     fits = candidates(weight, stats.cross is not None, damping)
     found = scores(weight, min(rank, *weight.shape), stats, damping)
+    if found is not None and compute_dtype(weight.dtype) != torch.float64:
+        ordered = sorted(found.values())
+        if len(ordered) > 1 and ordered[1] - ordered[0] <= CLOSE_CALL * max(abs(v) for v in ordered):
+            # too close to call in float32 (its scores are within ~1e-5 of the largest):
+            # float64 decides, so the choice is the one exact scores make
+            found = scores(weight.double(), min(rank, *weight.shape), stats, damping)
     if found is None:  # the reference: each candidate factorised apart, scored on its top rank
         found = {}
         fit_gram, fit_cross = stats.fit

@@ -1,0 +1,165 @@
+"""Sequential block-wise calibration in one pass of a block per batch (blockwise.py uses it).
+
+Fitting a block's groups of layers one after another (q/k/v, then o, then the MLP's) needs
+each group's inputs from the block whose earlier groups are already compressed. Partial
+passes, one per group and batch, cost about two passes of the block per batch. Here every
+batch's pass runs at once, in its own thread, and waits at each group's first layer until
+all batches have reached it and the group is fitted: one pass per batch, whose outputs are
+the compressed block's outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .kinds import dense_kind
+from .profile import Profile, phase
+
+
+class _Abort(Exception):
+    """Ends a parked pass (after another pass failed or went out of step)."""
+
+
+class _Gate(nn.Module):
+    """Stands in for a group's first layer during a lockstep pass (``_Lockstep``): records
+    the rows it is fed, waits until the group is fitted, then calls whatever is in its place
+    by then (the factorised layer). Attributes it lacks are the dense layer's (model code
+    may read ``weight.dtype``)."""
+
+    def __init__(self, inner: nn.Module, parent: nn.Module, child: str, k: int, lock: "_Lockstep"):
+        super().__init__()
+        self.inner = inner
+        self.where, self.k, self.lock = (parent, child), k, lock
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args, **kwargs):
+        self.lock.arrive(self.k, dense_kind(self.inner).inputs(self.inner, args[0]).detach())
+        parent, child = self.where
+        return getattr(parent, child)(*args, **kwargs)
+
+
+class _Lockstep:
+    """One pass of a block per batch for all of its groups: each batch's pass runs in its
+    own thread, one thread at a time (so the CPU threads of its operators are not shared),
+    and parks at the first layer of each group (a ``_Gate``) until every batch has reached
+    it and the group is fitted; then each pass goes on through the fitted layers. The
+    passes' outputs are the compressed block's outputs. Grad mode, which is per thread, is
+    off in every pass."""
+
+    def __init__(self, passes: list[Callable[[], torch.Tensor]]) -> None:
+        n = len(passes)
+        self.resume = [threading.Semaphore(0) for _ in range(n)]
+        self.parked = threading.Semaphore(0)
+        self.at: list = [None] * n  # the gate each pass is parked at, or "done"
+        self.rows: list = [None] * n  # the rows each pass brought to its gate
+        self.out: list = [None] * n
+        self.error: list = [None] * n
+        self.abort = False
+        self.local = threading.local()
+        self.threads = [threading.Thread(target=self._work, args=(j, f), daemon=True)
+                        for j, f in enumerate(passes)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self, j: int, run: Callable[[], torch.Tensor]) -> None:
+        self.local.j = j
+        self.resume[j].acquire()
+        try:
+            if self.abort:
+                raise _Abort
+            with torch.no_grad():
+                self.out[j] = run()
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the driving thread
+            self.error[j] = e
+        finally:
+            self.at[j] = "done"
+            self.parked.release()
+
+    def arrive(self, k: int, rows: torch.Tensor) -> None:
+        j = self.local.j
+        self.at[j], self.rows[j] = k, rows
+        self.parked.release()
+        self.resume[j].acquire()
+        if self.abort:
+            raise _Abort
+
+    def step(self, expect) -> list:
+        """Let each pass run, in turn, to its next gate (``expect``: that gate's index, or
+        "done"); the rows they brought."""
+        for j in range(len(self.threads)):
+            self.resume[j].release()
+            self.parked.acquire()
+            if self.error[j] is not None:
+                self.close()
+                raise self.error[j]
+            if self.at[j] != expect:
+                self.close()
+                raise _OutOfStep(f"group {self.at[j]} where group {expect} was expected")
+        rows, self.rows = self.rows, [None] * len(self.threads)
+        return rows
+
+    def close(self) -> None:
+        """End every pass still parked (after an error)."""
+        self.abort = True
+        for j, t in enumerate(self.threads):
+            if self.at[j] != "done":
+                self.resume[j].release()
+        for t in self.threads:
+            t.join()
+
+
+class _OutOfStep(Exception):
+    """A batch's pass reached the block's layers in another order than the first batch's."""
+
+
+def lockstep_block(block: nn.Module, groups: list, original: list, compressed: list,
+                    kept: list, fit_group: Callable, device, index: int, profile: Profile | None) -> int:
+    """The compressed stream's pass through one block, fitting each group when every batch
+    has reached it (``_Lockstep``): one pass of the block per batch, where fitting the
+    groups one after another from partial passes took about two. ``compressed`` is updated
+    to the block's outputs. Returns how many groups were fitted: all of them, or, when a
+    batch reached the layers in another order (control flow that depends on the data),
+    those fitted before (the caller fits the rest from partial passes)."""
+    passes = [lambda j=j, s=s: s.run(block, device, compressed[j], index) for j, s in enumerate(original)]
+    gates = []
+    lock = _Lockstep(passes)
+    fitted = 0
+    try:
+        for k, group in enumerate(groups):
+            parent_name, _, child = group.names[0].rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            dense = getattr(parent, child)
+            gates.append((parent, child, dense))
+            setattr(parent, child, _Gate(dense, parent, child, k, lock))
+        for k, group in enumerate(groups):
+            with phase(profile, "block passes (compressed stream)"):
+                rows = lock.step(k)
+            parent, child, dense = gates[k]
+            setattr(parent, child, dense)  # the dense layer back in place, for the fit to replace
+            fit_group(k, group, [[y] for y in rows])
+            fitted += 1
+        with phase(profile, "block passes (compressed stream)"):
+            lock.step("done")
+    except _OutOfStep:
+        return fitted
+    except BaseException:
+        lock.close()
+        raise
+    finally:
+        for parent, child, dense in gates:
+            if isinstance(getattr(parent, child), _Gate):
+                setattr(parent, child, dense)
+    for j, s in enumerate(original):
+        compressed[j] = lock.out[j].to(s.hidden.device)
+    return fitted
