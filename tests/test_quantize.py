@@ -50,6 +50,18 @@ def test_int8_factors_stay_close_to_the_float_ones_and_take_a_quarter_of_the_byt
     assert not any(p.requires_grad for m in int8 for p in m.parameters())
 
 
+def test_an_int8_layers_weight_stand_in_answers_without_dequantizing(monkeypatch):
+    """Model code may read ``layer.weight.dtype`` in every forward pass: for int8 factors
+    that must not dequantize a factor."""
+    q = copy.deepcopy(compressed_mlp())
+    sc.quantize_(q)
+    layer = next(m for m in q.modules() if isinstance(m, sc.Int8LowRankLinear))
+    monkeypatch.setattr(sc.Int8LowRankLinear, "u", property(lambda self: pytest.fail("dequantized u")))
+    w = layer.weight
+    assert (w.dtype, w.device, w.is_cuda, w.requires_grad) == (torch.float32, torch.device("cpu"), False, False)
+    assert w.shape == (layer.out_features, layer.in_features)
+
+
 def test_int8_run_saves_and_loads_bit_exactly(tmp_path):
     q = compressed_mlp()
     sc.quantize_(q)

@@ -43,12 +43,12 @@ class FactoredWeight:
     def __init__(self, layer: nn.Module) -> None:
         self._layer = layer
 
-    dtype = property(lambda self: self._layer.u.dtype)
-    device = property(lambda self: self._layer.u.device)
+    dtype = property(lambda self: self._layer.factor_dtype)
+    device = property(lambda self: self._layer.factor_device)
     shape = property(lambda self: self._layer.dense_shape)
     ndim = property(lambda self: len(self._layer.dense_shape))
-    is_cuda = property(lambda self: self._layer.u.is_cuda)
-    requires_grad = property(lambda self: self._layer.u.requires_grad)
+    is_cuda = property(lambda self: self._layer.factor_device.type == "cuda")
+    requires_grad = property(lambda self: self._layer.factor_requires_grad)
 
     def size(self, dim: int | None = None):
         return self.shape if dim is None else self.shape[dim]
@@ -116,6 +116,12 @@ class _FactoredLinear(nn.Module):
     @property
     def dense_shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
+
+    # what the factors compute in, where, and whether they train (the weight stand-in's
+    # dtype, device, requires_grad), read without forming a factor
+    factor_dtype = property(lambda self: self.u.dtype)
+    factor_device = property(lambda self: self.u.device)
+    factor_requires_grad = property(lambda self: self.u.requires_grad)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense (m x n) weight u @ v."""
@@ -331,6 +337,12 @@ class Int8LowRankLinear(_FactoredLinear):
             if layer.bias is not None:
                 out.bias.copy_(layer.bias)
         return out
+
+    # the int8 factors' stand-in answers without dequantizing (model code may read
+    # ``weight.dtype`` in every forward pass)
+    factor_dtype = property(lambda self: self.compute_dtype)
+    factor_device = property(lambda self: self.u_int8.device)
+    factor_requires_grad = False
 
     @property
     def u(self) -> torch.Tensor:
