@@ -214,3 +214,96 @@ def test_the_chain_check_runs_on_one_sample_of_a_uniform_batch():
     assert _one_row({"input_ids": ids, "flag": True})["input_ids"].shape == (4, 7)
     single = torch.zeros(1, 5)
     assert _one_row(single) is single
+
+
+def test_moments_keep_each_statistic_once():
+    """Split rows: the Stats own the two parts (the sums divided in place, no copy) and form
+    the totals on demand; the parts are folded into the totals in place once the last layer
+    fed them has chosen its fit, freeing the held-out part; moments turn into Stats once."""
+    from svdcompress.core.calibrate import Moments
+    g = torch.Generator().manual_seed(0)
+    ys = [torch.randn(16, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    xs = [y + 0.1 * torch.randn(16, 5, generator=g, dtype=torch.float64) for y in ys]
+    m = Moments()
+    for x, y in zip(xs, ys):
+        m.add(y, x)
+    stats = m.stats("layer")
+    y, x = torch.cat(ys), torch.cat(xs)
+    torch.testing.assert_close(stats.gram, y.T @ y / 48, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.cross, x.T @ y / 48, rtol=1e-13, atol=0)
+    assert stats.rows == 48 and stats.fit is not None and stats.held is not None
+    with pytest.raises(RuntimeError, match="already"):
+        m.stats("layer")
+    with pytest.raises(RuntimeError, match="already"):
+        m.add(y, x)
+    gram, cross = stats.gram.clone(), stats.cross.clone()
+    fit_storage = stats.fit[0].data_ptr()
+    stats.consumers = 2
+    stats.scored()  # one of two layers fed these inputs has chosen
+    assert stats.fit is not None and stats.held is not None
+    stats.scored()  # the last: folded in place
+    assert stats.fit is None and stats.held is None
+    assert stats.gram.data_ptr() == fit_storage and stats.gram is stats.gram  # stored, not re-formed
+    torch.testing.assert_close(stats.gram, gram, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.cross, cross, rtol=1e-13, atol=0)
+    uncounted = Moments()
+    uncounted.add(y)
+    kept = uncounted.stats()
+    kept.scored()  # not counted (consumers None): the parts stay
+    assert kept.fit is not None and kept.cross is None
+
+
+def test_damped_shifts_the_diagonal_exactly():
+    from svdcompress.core.factorize import damped
+    c = torch.randn(6, 6, dtype=torch.float64)
+    before = c.clone()
+    out = damped(c, 0.37)
+    assert torch.equal(out, c + 0.37 * torch.eye(6, dtype=torch.float64)) and torch.equal(c, before)
+
+
+def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
+    """Sequential block-wise calibration: when a wide layer (an MLP's down projection) has
+    chosen its fit, the only float64 statistics of its input width alive are its gram and
+    cross totals (before: both totals and four parts, and the moments' sums)."""
+    import gc
+
+    import svdcompress as sc
+    from svdcompress.core import calibrate
+
+    width, inner = 8, 40
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
+
+        def forward(self, x):
+            return x + self.down(torch.relu(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+            self.head = nn.Linear(width, 3)  # (the output layer stays dense)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x)
+
+    seen = []
+    original = calibrate.Stats.scored
+
+    def scored(self):
+        original(self)
+        if self.consumers == 0 and self.gram.shape == (inner, inner):
+            gc.collect()
+            seen.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                            and o.dtype == torch.float64 and tuple(o.shape) == (inner, inner)))
+
+    monkeypatch.setattr(calibrate.Stats, "scored", scored)
+    torch.manual_seed(0)
+    net = Net()
+    batches = [torch.randn(64, width) for _ in range(3)]
+    sc.compress_(net, sc.SVDConfig(rank=3, method="whiten"), batches)
+    assert seen == [2, 2]  # each block's down projection: gram and cross, nothing else

@@ -309,6 +309,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                             stats.add(y, x)
                         kept[j][k] = None
                     stats = stats.stats(here + group.names[0])
+                stats.consumers = len(group.names)  # (then its parts are folded, see Stats.scored)
                 for name in group.names:
                     finish(here + name, stats)
 
@@ -346,6 +347,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
             for group, m in zip(groups, stats):
                 with phase(profile, "statistics"):
                     group_stats = m.stats(here + group.names[0])
+                group_stats.consumers = len(group.names)
                 for name in group.names:
                     finish(here + name, group_stats)
         block.to(home)

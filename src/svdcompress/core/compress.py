@@ -379,12 +379,14 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         if name in originals:  # fit the original layer's outputs from the inputs that the
             # already-compressed layers before it now produce: errors do not compound
             with phase(profile, "per-layer statistics"):
-                paired = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
-            from_stats(name, paired)
+                layer_stats = collect_paired(model, name, calibration, _run_batch, originals.pop(name))
         elif whiten:
-            from_stats(name, stats[name])
+            layer_stats = stats.pop(name)  # (nothing else needs them: freed once fitted)
         else:
             finish(name, decs[name], "plain")
+            continue
+        layer_stats.consumers = 1  # one layer: the parts are folded once it has chosen
+        from_stats(name, layer_stats)
     if few:
         name, rows, width = min(few, key=lambda f: f[1] / f[2])
         warnings.warn(f"{len(few)} layer(s) were calibrated on fewer than {ROWS_PER_INPUT} rows per "

@@ -81,6 +81,13 @@ def truncated_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     return u.to(weight.dtype), v.to(weight.dtype)
 
 
+def damped(c: torch.Tensor, shift: float) -> torch.Tensor:
+    """c + shift * I, a new matrix (no n x n identity is made: the diagonal is shifted)."""
+    out = c.clone()
+    out.diagonal().add_(shift)
+    return out
+
+
 @torch.no_grad()
 def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2,
                  top: int | None = None, dtype: torch.dtype | None = None) -> SVD:
@@ -99,7 +106,7 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:  # no input energy at all: whitening is meaningless, the plain SVD is exact
         return svd(weight.to(torch.float64), top)
-    c = c + damping * scale * torch.eye(n, dtype=c.dtype, device=c.device)
+    c = damped(c, damping * scale)
     # The second moments, their factor and its inverse in float64 (their conditioning is the
     # inputs'); the SVD of W L in the weight's compute dtype (float32 for float32 weights,
     # as SVD-LLM does, at half the time): its error, ~1e-7 of the largest singular value,
@@ -107,6 +114,7 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     dtype = dtype or compute_dtype(weight.dtype)
     chol, info = torch.linalg.cholesky_ex(c)
     if int(info) == 0:
+        del c  # (an n x n matrix: a 0.9 GiB one for an 11,008-wide input)
         U, S, Vh = thin_svd((w @ chol).to(dtype), top)
         # B L^{-1} = (L^{-T} B^T)^T: one triangular solve
         unwhiten = lambda b: torch.linalg.solve_triangular(  # noqa: E731
@@ -136,12 +144,13 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     """
     w = weight.detach().to(torch.float64)
     c = gram.to(w.device, torch.float64)
-    n = c.shape[0]
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:
         return svd(w, top)
     ridge = damping if shrink is None else shrink
-    damped = c + ridge * scale * torch.eye(n, dtype=c.dtype, device=c.device)
     a = cross.to(w.device, torch.float64)
-    target = w + torch.linalg.solve(damped, (a - c).T @ w.T).T
+    rhs = (a - c).T @ w.T
+    del a
+    target = w + torch.linalg.solve(damped(c, ridge * scale), rhs).T
+    del rhs
     return whitened_svd(target, c, damping, top, compute_dtype(weight.dtype))

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .calibrate import Stats
-from .factorize import SVD, compute_dtype, thin_svd, compensated_svd, split, svd, whitened_svd
+from .factorize import SVD, compute_dtype, damped, thin_svd, compensated_svd, split, svd, whitened_svd
 
 SHRINK = (1e-2, 1e-1, 1.0)  # ridge strengths of the compensation, x mean input energy
 STRONG_DAMPING = 1.0
@@ -221,6 +221,7 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     w = weight.detach().to(dt)
     w_a = w @ held_cross  # W A_h
     base = {"ww": w @ w.T, "wgw": (w @ gram) @ w.T, "wgh": (w @ held) @ w.T, "wa": w_a @ w.T}
+    del gram, held_cross  # (n x n each; held is needed again below)
 
     def error(k_mat: torch.Tensor, t_held_t: torch.Tensor, w_a_t: torch.Tensor) -> float:
         u = torch.linalg.eigh(k_mat)[1][:, -rank:]
@@ -235,13 +236,16 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
         out[f"whiten damping={STRONG_DAMPING:g}"] = error(metric(STRONG_DAMPING), base["wgh"], base["wa"])
     if stats.fit[1] is not None:
         # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
-        r = w @ (stats.fit[1].to(f64) - gram64).to(dt)
+        # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB)
+        a_fit, n_in = stats.fit[1], gram64.shape[1]
+        r = torch.cat([w @ (a_fit[:, j:j + 1024].to(f64) - gram64[:, j:j + 1024]).to(dt)
+                       for j in range(0, n_in, 1024)], 1)
         r64 = r.to(f64).T
-        eye = torch.eye(gram.shape[0], dtype=f64, device=gram.device)
         rw = r @ w.T
         for lam in SHRINK:
-            chol = torch.linalg.cholesky(gram64 + lam * scale * eye)
+            chol = torch.linalg.cholesky(damped(gram64, lam * scale))
             shift = torch.cholesky_solve(r64, chol).T.to(dt)  # S = R (G + lam s I)^-1
+            del chol
             sw, ss, rs = shift @ w.T, shift @ shift.T, r @ shift.T
             sg_w, sg_s = rw - lam * scale * sw, rs - lam * scale * ss  # S G W^T, S G S^T
             k_mat = metric(damping) + sg_w + sg_w.T + sg_s + damping * scale * (sw + sw.T + ss)
@@ -263,6 +267,7 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     if stats is None:
         return svd(weight), "plain"
     if not select or stats.fit is None or stats.held is None:
+        stats.scored()
         return default_fit(weight, stats, damping)
     fits = candidates(weight, stats.cross is not None, damping)
     found = scores(weight, min(rank, *weight.shape), stats, damping)
@@ -281,4 +286,5 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     least = min(found.values())
     tied = [k for k, e in found.items() if e <= least + 1e-9 * abs(least)]  # round-off apart
     best = "plain" if "plain" in tied else tied[0]  # a tie goes to plain
+    stats.scored()  # the last layer fed these inputs: the parts become the totals
     return fits[best](stats.gram, stats.cross), best
