@@ -144,6 +144,27 @@ def test_a_close_call_in_float32_is_decided_in_float64(monkeypatch):
     assert calls == [torch.float32]
 
 
+def test_a_close_call_rescores_only_the_candidates_close_to_the_best(monkeypatch):
+    """The float64 rescoring covers just the candidates whose float32 scores lie within the
+    window of the best (no other can be the exact best): the two nearest here, not all six."""
+    from svdcompress.core import fit as fit_module
+    w64 = torch.randn(40, 48, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    stats = layer_stats(48, True, seed=9, rows=60, batches=4)
+    exact = scores(w64, 10, stats, 1e-2)
+    f32 = scores(w64.float(), 10, stats, 1e-2)
+    ordered = sorted(f32, key=f32.get)
+    largest = max(abs(v) for v in f32.values())
+    gap, next_gap = f32[ordered[1]] - f32[ordered[0]], f32[ordered[2]] - f32[ordered[0]]
+    assert next_gap > gap  # (the data make the window hold exactly two)
+    monkeypatch.setattr(fit_module, "CLOSE_CALL", (gap + next_gap) / 2 / largest)
+    asked = []
+    real = fit_module.scores
+    monkeypatch.setattr(fit_module, "scores",
+                        lambda w, *a: asked.append((w.dtype, a[3] if len(a) > 3 else None)) or real(w, *a))
+    assert fit_layer(w64.float(), 10, stats, 1e-2)[1] == min(exact, key=exact.get)
+    assert asked == [(torch.float32, None), (torch.float64, set(ordered[:2]))]
+
+
 @pytest.mark.parametrize("seed", [*range(8), 18, 22, 30, "plain"])
 def test_the_fit_chosen_is_the_reference_choice(seed):
     """On scarce and ample rows, parallel and sequential: the label fit_layer chooses is the
@@ -542,3 +563,14 @@ def test_output_distance_of_logits_in_slices_equals_the_whole():
     finally:
         sensitivity_module.CHUNK_ELEMENTS = before
     assert whole > 0 and sliced == pytest.approx(whole, rel=1e-12)
+
+
+@pytest.mark.parametrize("outputs", [24, 60])  # fewer outputs than inputs: the output side
+def test_scores_of_some_candidates_equal_those_of_all(outputs):
+    w = torch.randn(outputs, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    everything = scores(w, 6, layer_stats(48, True, seed=4, rows=60, batches=4), 1e-2)
+    some = {"whiten", "compensated shrink=0.1"}
+    picked = scores(w, 6, layer_stats(48, True, seed=4, rows=60, batches=4), 1e-2, some)
+    assert picked.keys() == some
+    for k in some:
+        assert picked[k] == pytest.approx(everything[k], rel=1e-12)

@@ -159,7 +159,8 @@ def _candidate_gram(g: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tens
     return out
 
 
-def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dict[str, float] | None:
+def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
+           only: set[str] | None = None) -> dict[str, float] | None:
     """held_out_error of every candidate's rank-D fit on the fit rows (the labels of
     ``candidates``), exact, from one shared eigendecomposition per input (``_Basis``) and
     one eigendecomposition of a Gram matrix of min(m, n) per candidate; None when the
@@ -170,11 +171,12 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dic
     The shared basis is float64; each candidate's eigendecomposition and products run in
     the weight's compute dtype (float32 for a float32 or half model, as its final SVD
     does: twice as fast, and its round-off, ~1e-6 of the layer's output energy, is far
-    below the differences between candidates that decide anything)."""
+    below the differences between candidates that decide anything). ``only``: score just
+    these labels (a close call redone in float64)."""
     if not damping > 0:
         return None
     if "basis" not in stats.cache and weight.shape[0] < weight.shape[1]:
-        return _output_side_scores(weight, rank, stats, damping)
+        return _output_side_scores(weight, rank, stats, damping, only)
     basis = _basis(stats)
     if not basis.scale > 0:
         return None
@@ -190,6 +192,7 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dic
         root = basis.root(damping)
         for lam in SHRINK:
             roots[f"compensated shrink={lam:g}"] = (root, root / (basis.lam + lam * basis.scale))
+    roots = {k: v for k, v in roots.items() if only is None or k in only}
     m_rows, n_cols = wq.shape
     shared = _grams(wq, shift) if m_rows >= n_cols and not _sketched(m_rows, n_cols, rank) else None
     out = {}
@@ -202,8 +205,8 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float) -> dic
     return out
 
 
-def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float
-                        ) -> dict[str, float] | None:
+def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
+                        only: set[str] | None = None) -> dict[str, float] | None:
     """``scores`` of a wide layer (m outputs < n inputs) without any n x n eigendecomposition:
     a candidate (target T, metric M) truncates to W_D = U U^T T, U the top-D eigenvectors of
     T M T^T (m x m); its error is tr U^T (T G_h T^T - 2 W A_h T^T) U. With
@@ -230,11 +233,16 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     def metric(d: float) -> torch.Tensor:  # W (G + d s I) W^T
         return base["wgw"] + d * scale * base["ww"]
 
-    out = {"plain": error(base["ww"], base["wgh"], base["wa"]),
-           "whiten": error(metric(damping), base["wgh"], base["wa"])}
+    def wanted(label: str) -> bool:
+        return only is None or label in only
+
+    whitened = {"plain": None, "whiten": damping}
     if damping < STRONG_DAMPING:
-        out[f"whiten damping={STRONG_DAMPING:g}"] = error(metric(STRONG_DAMPING), base["wgh"], base["wa"])
-    if stats.fit[1] is not None:
+        whitened[f"whiten damping={STRONG_DAMPING:g}"] = STRONG_DAMPING
+    out = {label: error(base["ww"] if d is None else metric(d), base["wgh"], base["wa"])
+           for label, d in whitened.items() if wanted(label)}
+    shrinks = [lam for lam in SHRINK if wanted(f"compensated shrink={lam:g}")]
+    if stats.fit[1] is not None and shrinks:
         # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
         # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB)
         a_fit, n_in = stats.fit[1], gram64.shape[1]
@@ -242,7 +250,7 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
                        for j in range(0, n_in, 1024)], 1)
         r64 = r.to(f64).T
         rw = r @ w.T
-        for lam in SHRINK:
+        for lam in shrinks:
             chol = torch.linalg.cholesky(damped(gram64, lam * scale))
             shift = torch.cholesky_solve(r64, chol).T.to(dt)  # S = R (G + lam s I)^-1
             del chol
@@ -272,11 +280,13 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     fits = candidates(weight, stats.cross is not None, damping)
     found = scores(weight, min(rank, *weight.shape), stats, damping)
     if found is not None and compute_dtype(weight.dtype) != torch.float64:
-        ordered = sorted(found.values())
-        if len(ordered) > 1 and ordered[1] - ordered[0] <= CLOSE_CALL * max(abs(v) for v in ordered):
+        least, window = min(found.values()), CLOSE_CALL * max(abs(v) for v in found.values())
+        close = {k for k, v in found.items() if v - least <= window}
+        if len(close) > 1:
             # too close to call in float32 (its scores are within ~1e-5 of the largest):
-            # float64 decides, so the choice is the one exact scores make
-            found = scores(weight.double(), min(rank, *weight.shape), stats, damping)
+            # float64 decides among those close to the best (no other can be the exact
+            # best), so the choice is the one exact scores make
+            found.update(scores(weight.double(), min(rank, *weight.shape), stats, damping, close))
     if found is None:  # the reference: each candidate factorised apart, scored on its top rank
         found = {}
         fit_gram, fit_cross = stats.fit
