@@ -213,6 +213,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    earlier = result.get("provenance", {}).get("command")  # the commands that made the file so far
     for part in args.parts.split(","):
         rows = PARTS[part](args)
         run = result["runs"].setdefault(args.label, {"rows": []})
@@ -222,7 +223,10 @@ def main() -> None:
                             "threads": args.threads, "torch": torch.__version__},
                    date=time.strftime("%Y-%m-%d"), svdcompress=str(Path(sc.__file__).parent))
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(stamp(result), indent=1))
+        stamp(result)
+        if earlier:  # rows are added to the file: its provenance names every command
+            result["provenance"]["command"] = f"{earlier}; then {result['provenance']['command']}"
+        out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
 
