@@ -223,10 +223,8 @@ def main() -> None:
                             "threads": args.threads, "torch": torch.__version__},
                    date=time.strftime("%Y-%m-%d"), svdcompress=str(Path(sc.__file__).parent))
         out.parent.mkdir(parents=True, exist_ok=True)
-        stamp(result)
-        if earlier:  # rows are added to the file: its provenance names every command
-            result["provenance"]["command"] = f"{earlier}; then {result['provenance']['command']}"
-        out.write_text(json.dumps(result, indent=1))
+        # rows are added to the file: its provenance names every command
+        out.write_text(json.dumps(stamp(result, earlier=earlier), indent=1))
     print(f"wrote {out}")
 
 

@@ -32,6 +32,7 @@ from svdcompress.core.files import write_json  # noqa: E402
 from svdcompress.integrations.bench_lm import _cpu_name, measure, speedups  # noqa: E402
 from svdcompress.integrations.causal_lm import perplexity, text_sequences  # noqa: E402
 from llm import model_and_text  # noqa: E402
+import render  # noqa: E402
 try:  # run as a script (benchmarks/ on the path) or imported as benchmarks.<name> (tests)
     from provenance import stamp  # noqa: E402
 except ImportError:
@@ -44,23 +45,6 @@ def block_linear_bytes(model: nn.Module, output_layer: set[str]) -> int:
     kinds = (nn.Linear, sc.LowRankLinear, sc.Int8LowRankLinear)
     return sum(p.numel() * p.element_size() for name, m in model.named_modules()
                if isinstance(m, kinds) and name not in output_layer for p in m.parameters())
-
-
-def table(d: dict) -> str:
-    """The README's table: one row per model."""
-    by = {r["batch"]: r for r in d["speed"]}
-    head = ["factors", "block linear bytes", "of dense", "perplexity", "vs float32 factors"] + \
-        [f"decode batch {b}: ms per step" for b in by] + [f"prefill batch {b}: tokens/s" for b in by]
-    rows = []
-    for name in ("dense", "float32", "int8"):
-        ppl = d["perplexity"].get(name)
-        rel = "" if name == "dense" or ppl is None else f"{ppl / d['perplexity']['float32'] - 1:+.1%}"
-        rows.append([name, f"{d['bytes'][name]:,}", f"{d['bytes'][name] / d['bytes']['dense']:.1%}",
-                     "" if ppl is None else f"{ppl:.2f}", rel]
-                    + [f"{by[b][name]['decode_ms_per_token']:.1f}" for b in by]
-                    + [f"{by[b][name]['prefill_tokens_per_second']:,.0f}" for b in by])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
 
 
 def main() -> None:
@@ -110,7 +94,7 @@ def main() -> None:
                         "float32_over_dense": speedups(r, "float32")} for r in rows]
     result.update(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
     write_json(Path(args.out), stamp(result, args.threads))
-    print(table(result))
+    print(render.int8_lm(result))
     print(f"wrote {args.out}")
 
 

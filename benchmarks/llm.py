@@ -130,9 +130,7 @@ def run(args) -> dict:
         earlier = None
 
     def save():
-        stamp(result, args.threads)
-        if earlier:  # an appended run: both commands made the file
-            result["provenance"]["command"] = f"{earlier}; then {result['provenance']['command']}"
+        stamp(result, args.threads, earlier=earlier)  # an appended run: both commands made the file
         write_json(out, result)
 
     def record(row):

@@ -12,11 +12,14 @@ import time
 from svdcompress.core.devices import machine
 
 
-def stamp(result: dict, threads: int | None = None, variation: str | None = None) -> dict:
+def stamp(result: dict, threads: int | None = None, variation: str | None = None,
+          earlier: str | None = None) -> dict:
     """``result`` with its provenance: the command that ran (this process's arguments), the
     machine and today's date; ``variation``: how much the figures varied between runs,
-    where that was measured."""
+    where that was measured; ``earlier``: the commands that made the file's earlier rows,
+    when this run adds to it (the provenance then names them all)."""
     command = "python " + " ".join(shlex.quote(a) for a in [_script()] + sys.argv[1:])
+    command = f"{earlier}; then {command}" if earlier else command
     old = result.get("provenance", {})
     result["provenance"] = {"command": command, "date": time.strftime("%Y-%m-%d"),
                             "machine": machine(threads),

@@ -202,8 +202,19 @@ def int8_layers(d: dict) -> str:
 
 
 def int8_lm(d: dict) -> str:
-    from int8_lm import table as int8_lm_table
-    return int8_lm_table(d)
+    """benchmarks/int8_lm.py's results: one row per model (dense, float32 and int8 factors)."""
+    by = {r["batch"]: r for r in d["speed"]}
+    head = ["factors", "block linear bytes", "of dense", "perplexity", "vs float32 factors"] + \
+        [f"decode batch {b}: ms per step" for b in by] + [f"prefill batch {b}: tokens/s" for b in by]
+    rows = []
+    for name in ("dense", "float32", "int8"):
+        ppl = d["perplexity"].get(name)
+        rel = "" if name == "dense" or ppl is None else f"{ppl / d['perplexity']['float32'] - 1:+.1%}"
+        rows.append([name, f"{d['bytes'][name]:,}", f"{d['bytes'][name] / d['bytes']['dense']:.1%}",
+                     "" if ppl is None else f"{ppl:.2f}", rel]
+                    + [f"{by[b][name]['decode_ms_per_token']:.1f}" for b in by]
+                    + [f"{by[b][name]['prefill_tokens_per_second']:,.0f}" for b in by])
+    return table(head, ["---"] + ["---:"] * (len(head) - 1), rows) + "\n"
 
 
 def calibration_speed(d: dict) -> str:

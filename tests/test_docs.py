@@ -80,3 +80,11 @@ def test_every_relative_link_resolves(doc):
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_a_run_that_adds_rows_names_every_command_in_the_provenance():
+    from benchmarks.provenance import stamp
+    first = stamp({})["provenance"]["command"]
+    assert first.startswith("python ") and "; then" not in first
+    assert stamp({}, earlier="python benchmarks/x.py --a")["provenance"]["command"] == \
+        f"python benchmarks/x.py --a; then {first}"

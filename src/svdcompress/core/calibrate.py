@@ -75,19 +75,17 @@ class Stats:
         self.consumers -= 1
         if self.consumers > 0 or self._gram is not None:
             return
-        totals = []
-        for which in (0, 1):
-            a, b = self.fit[which], self.held[which]
-            totals.append(None if a is None else a.mul_(self.weights[0]).add_(b, alpha=self.weights[1]))
-        self._gram, self._cross = totals
+        self._gram, self._cross = self._total(0, in_place=True), self._total(1, in_place=True)
         self.fit = self.held = self.weights = None
         self.cache.clear()
 
-    def _total(self, which: int) -> torch.Tensor | None:
+    def _total(self, which: int, in_place: bool = False) -> torch.Tensor | None:
+        """The mean over all rows (0: gram, 1: cross) from the two parts; ``in_place``: in
+        the fit part's memory."""
         a, b = self.fit[which], self.held[which]
         if a is None:
             return None
-        return a.mul(self.weights[0]).add_(b, alpha=self.weights[1])
+        return (a.mul_ if in_place else a.mul)(self.weights[0]).add_(b, alpha=self.weights[1])
 
     @property
     def gram(self) -> torch.Tensor:
