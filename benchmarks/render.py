@@ -253,6 +253,14 @@ def lm_speed(d: dict) -> str:
                  ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"], rows)
 
 
+def factor_layout(d: dict) -> str:
+    """benchmarks/factor_layout.py's results: the same factors, u stored two ways."""
+    rows = [[r["label"], r["batch"], f"{r['dense']['decode_ms_per_token']:.1f} → {r['compressed']['decode_ms_per_token']:.1f}",
+             f"**{r['decode_speedup']:.2f}x**", f"{r['prefill_speedup']:.2f}x"] for r in d["rows"]]
+    return table(["run", "batch", f"decode ({d['new_tokens']} steps): ms per step, dense → run", "decode speed-up",
+                  f"prefill {d['prompt_tokens']} tokens speed-up"], ["---", "---:", "---:", "---:", "---:"], rows)
+
+
 def scaling(d: dict) -> str:
     rows = [[r["processes"], r["threads_per_process"], f"{r['train_samples_per_second']:.0f}",
              f"{r['train_speedup']:.2f}x", f"{r['compress_whiten_seconds']:.1f} s", f"{r['compress_speedup']:.2f}x"]
@@ -394,6 +402,7 @@ TABLES = {  # name: (results file, renderer)
     "calibration-speed": ("benchmarks/results/calibration_speed.json", calibration_speed),
     "inference": ("benchmarks/results/inference.json", inference),
     "lm-speed": ("benchmarks/results/lm_speed.json", lm_speed),
+    "factor-layout": ("benchmarks/results/factor_layout.json", factor_layout),
     "int8-layers": ("benchmarks/results/int8_layers.json", int8_layers),
     "int8-lm": ("benchmarks/results/int8_lm.json", int8_lm),
     "scaling": ("benchmarks/results/scaling.json", scaling),

@@ -137,3 +137,36 @@ def test_model_code_that_reads_weight_dtype_runs_after_compression():
     assert isinstance(model.proj, LowRankConv2d)
     assert model(x).shape == (2, 2)
     assert torch.nn.functional.linear(torch.randn(1, 48), model.proj.weight.reshape(16, -1)).shape == (1, 16)
+
+
+# ---------------------------------------------------------------- memory layout of the factors
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.stride() == (1, t.shape[0])
+
+
+def test_output_factor_is_stored_column_by_column_wherever_the_layer_goes(tmp_path):
+    # one token's product reads a thin u (m x D) twice as fast stored this way
+    # (benchmarks/factor_layout.py); the values, the output and the files are unchanged
+    import copy
+
+    import svdcompress as sc
+    from svdcompress.core.layers import Int8LowRankLinear
+    torch.manual_seed(0)
+    base = lambda: nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 3))  # noqa: E731
+    model = base()
+    x = torch.randn(5, 24)
+    sc.compress_(model, sc.SVDConfig(rank=6))
+    low = model[0]
+    assert _column_major(low.u) and low.v.is_contiguous()
+    torch.testing.assert_close(low(x), x @ (low.u.detach().contiguous() @ low.v).T + low.bias, rtol=0, atol=1e-5)
+    for moved in (copy.deepcopy(low), low.double(), LowRankLinear(24, 40, 6), LowRankLinear.from_factors(
+            low.u.detach().contiguous(), low.v.detach(), low.bias.detach())):
+        assert _column_major(moved.u)
+    low.float()(x).sum().backward()
+    assert low.u.grad.stride() == low.u.stride()  # (the gradient follows its parameter)
+    sc.save(model, tmp_path / "run")
+    loaded = sc.load(tmp_path / "run", model=base())
+    assert _column_major(loaded[0].u) and torch.equal(loaded[0].u, low.u)
+    q = Int8LowRankLinear.from_low_rank(low)
+    assert _column_major(q.u_int8) and _column_major(q.u_int8.to(torch.float32))

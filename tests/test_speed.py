@@ -71,3 +71,24 @@ def test_speed_for_is_validated_and_reaches_the_cli(tmp_path, capsys):
         sc.SVDConfig(rank=2, speed_for="fast")
     assert main(["compress", "x", "--rank", "2", "--speed-for", "fast", "--out", str(tmp_path / "o")]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_timing_reads_its_weights_from_memory_not_the_cache(monkeypatch):
+    # a model's forward pass streams each layer's weights from memory: the timed product
+    # cycles through copies of them filling COLD_BYTES, and the time is per product; the
+    # factors have the layer's own layout (u column by column)
+    speed._cache.clear()
+    monkeypatch.setattr(speed, "COLD_BYTES", 10 * 64 * 64 * 4)
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        seen.append((w.data_ptr(), w.stride()))
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    monkeypatch.setattr(speed, "_seconds", lambda fn: (seen.clear(), fn(), 1.0)[2])
+    assert speed.layer_seconds((64, 64), None, 1) == pytest.approx(1 / 10)
+    assert len({p for p, _ in seen}) == 10
+    assert speed.layer_seconds((64, 64), 16, 1) == pytest.approx(1 / 20)  # 16 x 128 = half the bytes
+    assert len({p for p, _ in seen}) == 40 and (1, 64) in {s for _, s in seen}

@@ -176,11 +176,22 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
         groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
                   for g in info["param_groups"]]
         opt.load_state_dict({"state": opt_state, "param_groups": groups})
+        _param_layout(opt)
     except (ValueError, KeyError, TypeError, IndexError) as err:
         raise FormatError(f"checkpoint {path} does not match this optimiser: {err}") from None
     return info["epoch"], list(info["history"])
 
 
+def _param_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each parameter's loaded moments its memory layout (a low-rank layer's u is stored
+    column by column; a file holds values only): the optimiser's elementwise kernels round
+    alike only on alike layouts, so a resumed run then takes bitwise the same steps."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def check_finite(model: nn.Module, loss: float, epoch: int, checkpoint_dir, history: list) -> None:

@@ -9,9 +9,14 @@ layer dense unless its factorised form is measured ``min_speedup`` times faster 
 never slower). Ranks are rounded up to the fastest of a few aligned sizes (8, 16, 32, 64),
 where that is measurably faster and adds at most ROUND_LIMIT of the rank.
 
-Timings are the median of repeats after warm-up, each repeat long enough to read on a
-coarse clock, and cached for the process (a shape is timed once per compression, however
-many layers have it).
+Each timing reads its weights from memory, not from the cache, as a model's forward pass
+does when its weights outgrow the processor's caches (every language model): the product
+cycles through enough copies of the layer's weights to fill COLD_BYTES (timed on one copy,
+a layer that fits in the cache looks up to twice as fast as it runs in the model, and the
+dense and factorised forms not by the same factor). The factors have the layer's own
+memory layout (``layers.out_major``). Timings are the median of repeats after warm-up, each
+repeat long enough to read on a coarse clock, and cached for the process (a shape is timed
+once per compression, however many layers have it).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ import time
 
 import torch
 
+from .layers import out_major
+
 SPEED_FOR = {"decode": 1, "prefill": 512}  # rows of the input each layer is timed on
 PREFILL_ROWS = SPEED_FOR["prefill"]
 ALIGNMENTS = (8, 16, 32, 64)
 ROUND_LIMIT = 0.125  # a rounded rank adds at most this share of the rank
 FASTER = 0.97  # a rounded rank must take at most this share of the unrounded one's time
+COLD_BYTES = 96 * 2 ** 20  # weights cycled through per timing: more than a CPU's last-level cache
+MAX_COPIES = 64
 _cache: dict[tuple, float] = {}
 
 
@@ -58,19 +67,24 @@ def layer_seconds(shape: tuple[int, int], rank: int | None, rows: int, dtype=tor
         g = torch.Generator().manual_seed(0)
         make = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
         x = make(rows, n)
+        size = m * n if rank is None else rank * (m + n)
+        copies = max(1, min(MAX_COPIES, -(-COLD_BYTES // (size * x.element_size()))))
         if rank is None:
             w = make(m, n)
-            fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+            ws = [w.clone() for _ in range(copies)]
+            fn = lambda: [torch.nn.functional.linear(x, w) for w in ws]  # noqa: E731
         else:
-            u, v = make(m, rank), make(rank, n)
-            fn = lambda: torch.nn.functional.linear(torch.nn.functional.linear(x, v), u)  # noqa: E731
+            u, v = out_major(m, rank, dtype=dtype, device=device).copy_(make(m, rank)), make(rank, n)
+            uvs = [(u.clone(), v.clone()) for _ in range(copies)]  # (clone keeps u's layout)
+            fn = lambda: [torch.nn.functional.linear(torch.nn.functional.linear(x, v), u)  # noqa: E731
+                          for u, v in uvs]
         if device.type == "cuda":
             def timed(fn=fn):
                 fn()
                 torch.cuda.synchronize(device)
             fn = timed
         with torch.inference_mode():
-            _cache[key] = _seconds(fn)
+            _cache[key] = _seconds(fn) / copies
     return _cache[key]
 
 
