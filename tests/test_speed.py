@@ -35,13 +35,13 @@ def test_ranks_round_up_only_where_the_timer_says_it_pays(monkeypatch):
     times = {None: 10.0, 20: 4.0, 22: 4.0, 24: 3.0, 32: 2.0, 64: 1.0}
     monkeypatch.setattr(speed, "layer_seconds", lambda shape, rank, *a, **k: times[rank])
     # 24 is within 1/8 of 22 and faster; 32 and 64 add too much
-    assert speed.fastest_rank((256, 256), 22, 1) == 24
-    assert speed.fastest_rank((256, 256), 20, 1) == 20  # 24 is more than 1/8 above 20
+    assert speed.fastest_rank((256, 256), 22, "decode") == 24
+    assert speed.fastest_rank((256, 256), 20, "decode") == 20  # 24 is more than 1/8 above 20
     times[24] = 3.95  # not measurably faster (above 0.97 of 4.0)
-    assert speed.fastest_rank((256, 256), 22, 1) == 22
-    assert speed.fastest_rank((256, 22), 20, 1) == 20  # 24 x (256 + 22) would not save parameters
+    assert speed.fastest_rank((256, 256), 22, "decode") == 22
+    assert speed.fastest_rank((256, 22), 20, "decode") == 20  # 24 x (256 + 22) would not save parameters
     times.update({60: 5.0})
-    assert speed.fastest_rank((256, 256), 60, 1) == 64  # 64 <= 60 * 1.125 and faster
+    assert speed.fastest_rank((256, 256), 60, "decode") == 64  # 64 <= 60 * 1.125 and faster
 
 
 def test_measured_mode_rounds_ranks_in_the_report(monkeypatch):
@@ -92,3 +92,25 @@ def test_a_timing_reads_its_weights_from_memory_not_the_cache(monkeypatch):
     assert len({p for p, _ in seen}) == 10
     assert speed.layer_seconds((64, 64), 16, 1) == pytest.approx(1 / 20)  # 16 x 128 = half the bytes
     assert len({p for p, _ in seen}) == 40 and (1, 64) in {s for _, s in seen}
+
+
+def test_generate_factorises_a_layer_only_where_it_is_faster_at_one_row_and_at_many(monkeypatch):
+    # a generating model runs both phases: a layer faster in prefill but slower in decode
+    # stays dense for speed_for="generate", and its report names the slower setting
+    times = {(None, 1): 1.0, (None, 512): 10.0, (16, 1): 1.5, (16, 512): 4.0,
+             (40, 1): 0.5, (40, 512): 8.0, (48, 1): 0.4, (48, 512): 5.0}
+    monkeypatch.setattr(speed, "layer_seconds", lambda shape, rank, rows, *a, **k: times[rank, rows])
+    model = lambda: nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 2))  # noqa: E731
+    m = model()
+    report = sc.compress_(m, sc.SVDConfig(rank=16, speed_for="generate"))
+    assert type(m[0]) is nn.Linear
+    assert report.layers[0].reason is sc.KeepDense.NOT_FASTER and "0.67x" in report.layers[0].detail \
+        and "on 1 row(s)" in report.layers[0].detail
+    m = model()
+    sc.compress_(m, sc.SVDConfig(rank=16, speed_for="prefill"))
+    assert m[0].rank == 16
+    assert speed.slowest_speedup((128, 128), 40, "generate") == (1.25, 512)
+    # 48 is faster at one row but not at 512: no rounding for generate, rounding for decode
+    times[44, 1], times[44, 512] = 0.5, 5.0
+    assert speed.fastest_rank((128, 128), 44, "generate") == 44
+    assert speed.fastest_rank((128, 128), 44, "decode") == 48

@@ -272,8 +272,9 @@ def build_parser() -> Parser:
     s.add_argument("--min-speedup", type=float, help="keep a layer dense unless its factorised form "
                    "needs this many times fewer multiply-adds (with --speed-for: is measured this "
                    "many times faster)")
-    s.add_argument("--speed-for", choices=["decode", "prefill"], help="time each layer shape here at 1 "
-                   "row (decode) or 512 (prefill): slower factorised layers stay dense, ranks round up")
+    s.add_argument("--speed-for", choices=["decode", "prefill", "generate"], help="time each layer shape "
+                   "here at 1 row (decode), 512 (prefill) or both (generate): slower factorised layers "
+                   "stay dense, ranks round up")
     s.add_argument("--data", help="dataset for calibration (default: the run's)")
     s.add_argument("--profile", action="store_true", help="print (and record in the run) the "
                    "seconds of each phase: block passes, statistics, fits, allocation")

@@ -23,7 +23,7 @@ from .kinds import LayerKind
 from .rank import (allocate, allocate_ranks, choose_rank, factorized_params, round_rank,
                    saves_parameters, tail_losses, truncation_error)
 from .sensitivity import MAX_BATCHES, OutputDistance, fisher_sensitivities, sensitivity
-from .speed import SPEED_FOR, fastest_rank, measured_speedup
+from .speed import fastest_rank, slowest_speedup
 from .report import CompressionReport, KeepDense, LayerReport
 from .swap import candidate_modules, output_layer_name, replace_module, shared_weights
 
@@ -73,9 +73,8 @@ def _keep_dense(rank, shape, config: SVDConfig, weight=None) -> tuple[KeepDense 
     if not saves_parameters(rank, shape):
         return KeepDense.NO_SAVING, f"rank {rank}"
     if config.speed_for is not None:  # measured on this machine (core.speed)
-        rows = SPEED_FOR[config.speed_for]
         where = {} if weight is None else {"dtype": weight.dtype, "device": weight.device}
-        speedup = measured_speedup(shape, rank, rows, **where)
+        speedup, rows = slowest_speedup(shape, rank, config.speed_for, **where)
         if speedup < (config.min_speedup or 1.0):
             return KeepDense.NOT_FASTER, (f"measured at {speedup:.2f}x the dense layer's speed on "
                                           f"{rows} row(s), below {config.min_speedup or 1.0}x")
@@ -341,7 +340,7 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
         if rank is not None and config.round_to:
             rank = round_rank(rank, config.round_to, shape)
         elif rank is not None and config.speed_for is not None and saves_parameters(rank, shape):
-            rank = fastest_rank(shape, rank, SPEED_FOR[config.speed_for], matrix.dtype, matrix.device)
+            rank = fastest_rank(shape, rank, config.speed_for, matrix.dtype, matrix.device)
         reason, detail = _keep_dense(rank, shape, config, matrix)
         if reason is not None:
             report.layers.append(_dense_report(name, module, kind.name, shape, reason, detail, counted))

@@ -68,11 +68,12 @@ class SVDConfig:
     min_speedup: keep a layer dense unless its factorised form needs at most 1/min_speedup
         of the dense multiply-adds (m n / (D (m + n)) >= min_speedup): two thin matmuls are
         not faster than one dense one until the saving is large enough.
-    speed_for: "decode" (one row per call) or "prefill" (512 rows): measure instead of
-        counting (core.speed). Each distinct layer shape is timed dense and factorised on
-        inputs of those rows, and a layer stays dense unless its factorised form is measured
-        ``min_speedup`` times faster (default 1: never slower); ranks are rounded up to an
-        aligned size where that is measurably faster (unless ``round_to`` is given).
+    speed_for: "decode" (one row per call), "prefill" (512 rows) or "generate" (both: the
+        slower counts): measure instead of counting (core.speed). Each distinct layer shape
+        is timed dense and factorised on inputs of those rows, and a layer stays dense unless
+        its factorised form is measured ``min_speedup`` times faster (default 1: never
+        slower); ranks are rounded up to an aligned size where that is measurably faster
+        (unless ``round_to`` is given).
     blockwise: (whiten only) calibrate a model whose target layers sit in chained repeated
         blocks (a transformer) one block at a time, in bounded memory; False forces the
         per-layer path. Both give the same factors.
@@ -121,8 +122,8 @@ class SVDConfig:
                                              not isinstance(self.min_speedup, (int, float)) or
                                              not self.min_speedup >= 1):
             raise ConfigError(f"min_speedup must be a number >= 1, got {self.min_speedup!r}")
-        if self.speed_for is not None and self.speed_for not in ("decode", "prefill"):
-            raise ConfigError(f"speed_for must be 'decode' or 'prefill', got {self.speed_for!r}")
+        if self.speed_for is not None and self.speed_for not in ("decode", "prefill", "generate"):
+            raise ConfigError(f"speed_for must be 'decode', 'prefill' or 'generate', got {self.speed_for!r}")
 
     @property
     def spec(self) -> RankSpec:

@@ -2,11 +2,12 @@
 
 A multiply-add count says a rank-D layer costs D (m + n) / (m n) of the dense one; on real
 hardware two thin matmuls are slower than that, and at one token (decoding) a small layer's
-time is mostly fixed overhead. ``SVDConfig(speed_for="decode" | "prefill")`` times every
-distinct (shape, rank, dtype, device) once, dense ``x W^T`` against ``(x v^T) u^T`` on random
-inputs of the rows the model will see (decode: 1 row; prefill: PREFILL_ROWS), and keeps a
-layer dense unless its factorised form is measured ``min_speedup`` times faster (default 1:
-never slower). Ranks are rounded up to the fastest of a few aligned sizes (8, 16, 32, 64),
+time is mostly fixed overhead. ``SVDConfig(speed_for="decode" | "prefill" | "generate")``
+times every distinct (shape, rank, dtype, device) once, dense ``x W^T`` against
+``(x v^T) u^T`` on random inputs of the rows the model will see (decode: 1 row; prefill:
+PREFILL_ROWS; generate: both, and the slower of the two counts), and keeps a layer dense
+unless its factorised form is measured ``min_speedup`` times faster (default 1: never
+slower). Ranks are rounded up to the fastest of a few aligned sizes (8, 16, 32, 64),
 where that is measurably faster and adds at most ROUND_LIMIT of the rank.
 
 Each timing reads its weights from memory, not from the cache, as a model's forward pass
@@ -28,8 +29,9 @@ import torch
 
 from .layers import out_major
 
-SPEED_FOR = {"decode": 1, "prefill": 512}  # rows of the input each layer is timed on
-PREFILL_ROWS = SPEED_FOR["prefill"]
+PREFILL_ROWS = 512
+# the rows of the inputs each layer is timed on: a model generating text runs both
+SPEED_FOR = {"decode": (1,), "prefill": (PREFILL_ROWS,), "generate": (1, PREFILL_ROWS)}
 ALIGNMENTS = (8, 16, 32, 64)
 ROUND_LIMIT = 0.125  # a rounded rank adds at most this share of the rank
 FASTER = 0.97  # a rounded rank must take at most this share of the unrounded one's time
@@ -93,18 +95,25 @@ def measured_speedup(shape, rank: int, rows: int, dtype=torch.float32, device="c
     return layer_seconds(shape, None, rows, dtype, device) / layer_seconds(shape, rank, rows, dtype, device)
 
 
-def fastest_rank(shape, rank: int, rows: int, dtype=torch.float32, device="cpu") -> int:
+def slowest_speedup(shape, rank: int, setting: str, dtype=torch.float32, device="cpu") -> tuple[float, int]:
+    """The smallest measured speed-up of the layer shape at ``rank`` over the rows of
+    ``setting`` (a key of SPEED_FOR), and the rows it was measured on."""
+    return min((measured_speedup(shape, rank, rows, dtype, device), rows) for rows in SPEED_FOR[setting])
+
+
+def fastest_rank(shape, rank: int, setting: str, dtype=torch.float32, device="cpu") -> int:
     """``rank``, or a rank rounded up to an aligned size when that is measurably faster (by
-    1 - FASTER) and adds at most ROUND_LIMIT of ``rank``; never to a rank whose factors would
-    hold as many parameters as the dense weight."""
+    1 - FASTER) on every row count of ``setting`` and adds at most ROUND_LIMIT of ``rank``;
+    never to a rank whose factors would hold as many parameters as the dense weight."""
     m, n = shape
-    best, best_time = rank, layer_seconds(shape, rank, rows, dtype, device)
+    seconds = lambda r: [layer_seconds(shape, r, rows, dtype, device) for rows in SPEED_FOR[setting]]  # noqa: E731
+    best, best_time = rank, seconds(rank)
     saving = (m * n - 1) // (m + n)  # the largest rank with D (m + n) < m n
     limit = min(saving, int(rank * (1 + ROUND_LIMIT)))
     for a in ALIGNMENTS:
         r = -(-rank // a) * a
         if rank < r <= limit:
-            t = layer_seconds(shape, r, rows, dtype, device)
-            if t < FASTER * best_time:
+            t = seconds(r)
+            if all(x < FASTER * y for x, y in zip(t, best_time)):
                 best, best_time = r, t
     return best
