@@ -141,3 +141,20 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
         sc.save(model, tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "svdcompress.json"]
+
+
+def test_a_low_rank_layer_used_under_two_names_is_saved_once_and_reloads_tied(tmp_path):
+    # u is a transposed view: the state dict must still hold u itself, or the tie is lost
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(12, 20)
+            self.b = self.a
+
+    torch.manual_seed(0)
+    m = Shared()
+    sc.compress_(m, sc.SVDConfig(rank=3, skip_output_layer=False))
+    sc.save(m, tmp_path)
+    assert set(load_file(tmp_path / "model.safetensors")) == {"a.u", "a.v", "a.bias"}
+    loaded = sc.load(tmp_path, model=Shared())
+    assert loaded.b is loaded.a and torch.equal(loaded.a.u, m.a.u)

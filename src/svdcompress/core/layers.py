@@ -10,9 +10,11 @@ A Linear layer's factors are each stored with their long side contiguous in memo
 matrix-vector kernels read a thin matrix stored the other way at half the speed or less
 (benchmarks/factor_layout.py measures it): an SVD-compressed model decoded 1.40x faster
 than its dense original with u stored row by row, 1.59x with u column by column. Many rows
-at once (prefill, training) are indifferent to it. Files and ``state_dict()`` hold the
-values, contiguous, not the layout. (Code that views the parameters flat, as
-``torch.nn.utils.parameters_to_vector`` does, needs ``.reshape``: u is not contiguous.)
+at once (prefill, training) are indifferent to it. ``state_dict()`` holds u itself (it
+shares memory with the parameter, as for any module), so code that needs contiguous tensors
+(safetensors' ``save_file``) takes ``.contiguous()``; ``sc.save`` does, and files hold values
+only. Torch utilities that view a parameter flat (``parameters_to_vector``, LBFGS,
+unstructured pruning) do not take u as it is.
 """
 
 from __future__ import annotations
@@ -142,15 +144,6 @@ class _FactoredLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The dense (m x n) weight u @ v."""
         return self.u @ self.v
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        # a state dict holds u (or u_int8) as a contiguous copy: safetensors' save_file, and
-        # other code that writes or views a state dict's tensors flat, need contiguous ones;
-        # loading copies the values back into the parameter's own layout
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key in (prefix + "u", prefix + "u_int8"):
-            if not keep_vars and key in destination:
-                destination[key] = destination[key].contiguous()
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

@@ -12,10 +12,11 @@ where that is measurably faster and adds at most ROUND_LIMIT of the rank.
 
 Each timing reads its weights from memory, not from the cache, as a model's forward pass
 does when its weights outgrow the processor's caches (every language model): the product
-cycles through enough copies of the layer's weights to fill COLD_BYTES (timed on one copy,
-a layer that fits in the cache looks up to twice as fast as it runs in the model, and the
-dense and factorised forms not by the same factor). The factors have the layer's own
-memory layout (``layers.out_major``). Timings are the median of repeats after warm-up, each
+cycles through copies of the layer's weights filling COLD_BYTES. Timed on one copy, a layer
+that fits in the cache looks up to twice as fast as it runs in the model, and the dense and
+factorised forms not by the same factor. At most MAX_COPIES copies are made, so a layer
+under 1.5 MiB is timed partly from the cache. The factors have the layer's own memory
+layout (``layers.out_major``). Timings are the median of repeats after warm-up, each
 repeat long enough to read on a coarse clock, and cached for the process (a shape is timed
 once per compression, however many layers have it).
 """
