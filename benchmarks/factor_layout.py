@@ -6,7 +6,7 @@ turns within every repeat).
 
 One token's pass streams every factor from memory through a matrix-vector kernel, which on
 this CPU reads a thin matrix stored with its short side contiguous (u of a 1536 x 576 layer
-at rank 168: rows of 168 values) at half the speed or less. The two compressed models hold
+at rank 168: rows of 168 values) more slowly than the other way round. The two compressed models hold
 the same values; only the memory layout of u differs.
 
     python benchmarks/factor_layout.py [--ratios 0.4,0.8] [--batches 1,8] [--new-tokens 128] [--threads 2]
@@ -60,6 +60,7 @@ def main() -> None:
             print(f"{label:>32} batch {r['batch']}: decode {r['compressed']['decode_ms_per_token']:.1f} "
                   f"ms/token ({r['decode_speedup']:.2f}x dense), prefill {r['prefill_speedup']:.2f}x", flush=True)
     write_result("factor_layout", ", plain SVD", args, rows)
+
 
 if __name__ == "__main__":
     main()

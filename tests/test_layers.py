@@ -146,7 +146,7 @@ def _column_major(t: torch.Tensor) -> bool:
 
 
 def test_output_factor_is_stored_column_by_column_wherever_the_layer_goes(tmp_path):
-    # one token's product reads a thin u (m x D) twice as fast stored this way
+    # one token's product reads a thin u (m x D) faster stored this way
     # (benchmarks/factor_layout.py); the values, the output and the files are unchanged
     import copy
 
@@ -178,4 +178,3 @@ def test_output_factor_is_stored_column_by_column_wherever_the_layer_goes(tmp_pa
     assert _column_major(loaded[0].u) and torch.equal(loaded[0].u, low.u)
     q = Int8LowRankLinear.from_low_rank(low)
     assert _column_major(q.u_int8) and _column_major(q.u_int8.to(torch.float32))
-

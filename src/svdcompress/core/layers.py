@@ -7,8 +7,8 @@ inverse.
 A Linear layer's factors are each stored with their long side contiguous in memory: ``v``
 (D x n) row by row, ``u`` (m x D) column by column (a transposed view of a D x m tensor,
 ``out_major``). One token's product streams each factor from memory, and on a CPU the
-matrix-vector kernels read a thin matrix stored the other way at half the speed or less
-(benchmarks/factor_layout.py measures it): an SVD-compressed model decoded 1.40x faster
+matrix-vector kernels read a thin matrix stored the other way more slowly
+(benchmarks/factor_layout.py measures the whole model): an SVD-compressed model decoded 1.40x faster
 than its dense original with u stored row by row, 1.59x with u column by column. Many rows
 at once (prefill, training) are indifferent to it. ``state_dict()`` holds u itself (it
 shares memory with the parameter, as for any module), so code that needs contiguous tensors
@@ -337,13 +337,13 @@ class Int8LowRankLinear(_FactoredLinear):
         check_rank(rank)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.compute_dtype = dtype or torch.get_default_dtype()
-        frozen = lambda *shape, dt: nn.Parameter(torch.zeros(*shape, dtype=dt, device=device),  # noqa: E731
-                                                 requires_grad=False)
-        self.u_int8 = nn.Parameter(out_major(out_features, rank, dtype=torch.int8, device=device).zero_(),
-                                   requires_grad=False)  # (converted as it is used: keeps this layout)
-        self.u_scale = frozen(out_features, dt=torch.float32)
-        self.v_int8, self.v_scale = frozen(rank, in_features, dt=torch.int8), frozen(rank, dt=torch.float32)
-        self.bias = frozen(out_features, dt=self.compute_dtype) if bias else None
+        frozen = lambda t: nn.Parameter(t.zero_(), requires_grad=False)  # noqa: E731
+        zeros = lambda *shape, dt: frozen(torch.empty(*shape, dtype=dt, device=device))  # noqa: E731
+        # u_int8 in u's layout (converted as it is used, the float copy keeps it)
+        self.u_int8 = frozen(out_major(out_features, rank, dtype=torch.int8, device=device))
+        self.u_scale = zeros(out_features, dt=torch.float32)
+        self.v_int8, self.v_scale = zeros(rank, in_features, dt=torch.int8), zeros(rank, dt=torch.float32)
+        self.bias = zeros(out_features, dt=self.compute_dtype) if bias else None
 
     @classmethod
     def from_low_rank(cls, layer: LowRankLinear) -> "Int8LowRankLinear":

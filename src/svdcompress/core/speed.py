@@ -13,7 +13,7 @@ where that is measurably faster and adds at most ROUND_LIMIT of the rank.
 Each timing reads its weights from memory, not from the cache, as a model's forward pass
 does when its weights outgrow the processor's caches (every language model): the product
 cycles through copies of the layer's weights filling COLD_BYTES. Timed on one copy, a layer
-that fits in the cache looks up to twice as fast as it runs in the model, and the dense and
+that fits in the cache looks faster than it runs in the model, and the dense and
 factorised forms not by the same factor. At most MAX_COPIES copies are made, so a layer
 under 1.5 MiB is timed partly from the cache. The factors have the layer's own memory
 layout (``layers.out_major``). Timings are the median of repeats after warm-up, each
