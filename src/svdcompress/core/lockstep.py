@@ -3,16 +3,16 @@
 Fitting a block's groups of layers one after another (q/k/v, then o, then the MLP's) needs
 each group's inputs from the block whose earlier groups are already compressed. Partial
 passes, one per group and batch, cost about two passes of the block per batch. Here every
-batch's pass runs at once, in its own thread, and waits at each group's first layer until
-all batches have reached it and the group is fitted: one pass per batch, whose outputs are
-the compressed block's outputs.
+batch's pass runs at once, as its own greenlet on the calling thread, and waits at each
+group's first layer until all batches have reached it and the group is fitted: one pass
+per batch, whose outputs are the compressed block's outputs.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
+import greenlet
 import torch
 from torch import nn
 
@@ -48,75 +48,58 @@ class _Gate(nn.Module):
 
 
 class _Lockstep:
-    """One pass of a block per batch for all of its groups: each batch's pass runs in its
-    own thread, one thread at a time (so the CPU threads of its operators are not shared),
-    and parks at the first layer of each group (a ``_Gate``) until every batch has reached
-    it and the group is fitted; then each pass goes on through the fitted layers. The
-    passes' outputs are the compressed block's outputs. Grad mode, which is per thread, is
-    off in every pass."""
+    """One pass of a block per batch for all of its groups: each batch's pass runs as a
+    greenlet (a coroutine on the calling thread), one at a time, and parks at the first
+    layer of each group (a ``_Gate``) until every batch has reached it and the group is
+    fitted; then each pass goes on through the fitted layers. The passes' outputs are the
+    compressed block's outputs.
+
+    Greenlets, not threads: every OS thread that runs a multi-threaded operator keeps its
+    own OpenMP team alive, and with more OpenMP threads alive than cores, libgomp stops
+    spinning between parallel regions; the fits (eigendecompositions made of many short
+    parallel regions) then ran 3-7x slower while the parked passes' threads lived
+    (SmolLM2-135M at 16 sequences: 180 s with threads, 90 s with partial passes)."""
 
     def __init__(self, passes: list[Callable[[], torch.Tensor]]) -> None:
         n = len(passes)
-        self.resume = [threading.Semaphore(0) for _ in range(n)]
-        self.parked = threading.Semaphore(0)
+        self.main = greenlet.getcurrent()
         self.at: list = [None] * n  # the gate each pass is parked at, or "done"
-        self.rows: list = [None] * n  # the rows each pass brought to its gate
         self.out: list = [None] * n
-        self.error: list = [None] * n
-        self.abort = False
-        self.local = threading.local()
-        self.threads = [threading.Thread(target=self._work, args=(j, f), daemon=True)
-                        for j, f in enumerate(passes)]
-        for t in self.threads:
-            t.start()
-
-    def _work(self, j: int, run: Callable[[], torch.Tensor]) -> None:
-        self.local.j = j
-        self.resume[j].acquire()
-        try:
-            if self.abort:
-                raise _Abort
-            with torch.no_grad():
-                self.out[j] = run()
-        except _Abort:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the driving thread
-            self.error[j] = e
-        finally:
-            self.at[j] = "done"
-            self.parked.release()
+        self.lets = [greenlet.greenlet(torch.no_grad()(f), parent=self.main) for f in passes]
 
     def arrive(self, k: int, rows: torch.Tensor) -> None:
-        j = self.local.j
-        self.at[j], self.rows[j] = k, rows
-        self.parked.release()
-        self.resume[j].acquire()
-        if self.abort:
-            raise _Abort
+        """Called in a pass: park it at gate ``k`` with the rows it brought."""
+        self.main.switch((k, rows))
 
     def step(self, expect) -> list:
         """Let each pass run, in turn, to its next gate (``expect``: that gate's index, or
         "done"); the rows they brought."""
-        for j in range(len(self.threads)):
-            self.resume[j].release()
-            self.parked.acquire()
-            if self.error[j] is not None:
+        rows = []
+        for j, let in enumerate(self.lets):
+            try:
+                got = let.switch()
+            except BaseException:
                 self.close()
-                raise self.error[j]
+                raise
+            if let.dead:
+                self.at[j], self.out[j] = "done", got
+                rows.append(None)
+            else:
+                self.at[j] = got[0]
+                rows.append(got[1])
             if self.at[j] != expect:
                 self.close()
                 raise _OutOfStep(f"group {self.at[j]} where group {expect} was expected")
-        rows, self.rows = self.rows, [None] * len(self.threads)
         return rows
 
     def close(self) -> None:
-        """End every pass still parked (after an error)."""
-        self.abort = True
-        for j, t in enumerate(self.threads):
-            if self.at[j] != "done":
-                self.resume[j].release()
-        for t in self.threads:
-            t.join()
+        """End every pass still parked (after an error): each unwinds from its gate."""
+        for let in self.lets:
+            if let and not let.dead:
+                try:
+                    let.throw(_Abort)
+                except _Abort:
+                    pass
 
 
 class _OutOfStep(Exception):
