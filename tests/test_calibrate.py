@@ -307,3 +307,41 @@ def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
     batches = [torch.randn(64, width) for _ in range(3)]
     sc.compress_(net, sc.SVDConfig(rank=3, method="whiten"), batches)
     assert seen == [2, 2]  # each block's down projection: gram and cross, nothing else
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference(dtype):
+    """A layer with fewer outputs than inputs is whitened from W (C + d I) W^T (m x m) alone:
+    the same singular values and the same rank-D weight as the SVD of W L (L the Cholesky
+    factor of C + d I), to float tolerance; so is the compensated fit that uses it."""
+    from svdcompress.core.factorize import compensated_svd, damped
+    g = torch.Generator().manual_seed(5)
+    m, n = 7, 19
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(400, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    x2 = x + 0.2 * torch.randn(400, n, generator=g, dtype=torch.float64)
+    gram, cross = x2.T @ x2 / 400, x.T @ x2 / 400
+
+    def reference(target, d):  # the Cholesky route, with everything in float64
+        chol = torch.linalg.cholesky(damped(gram, d * float(gram.diagonal().mean())))
+        u, s, vh = torch.linalg.svd(target @ chol, full_matrices=False)
+        return s, [u[:, :r] @ torch.linalg.solve_triangular(chol.T, (s[:r, None] * vh[:r]).T, upper=True).T
+                   for r in range(1, m + 1)]
+
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for d in (1e-2, 1.0):
+        dec = whitened_svd(w.to(dtype), gram, d)
+        s, truncated = reference(w, d)
+        torch.testing.assert_close(dec.S.double(), s, **tol)
+        for r, want in enumerate(truncated, 1):
+            u, v = split(dec, r)
+            torch.testing.assert_close((u.double() @ v.double()), want, **tol)
+    for shrink in (1e-2, 0.1):
+        scale = float(gram.diagonal().mean())
+        target = w + torch.linalg.solve(damped(gram, shrink * scale), (cross - gram).T @ w.T).T
+        dec = compensated_svd(w.to(dtype), gram, cross, 1e-2, shrink)
+        s, truncated = reference(target, 1e-2)
+        torch.testing.assert_close(dec.S.double(), s, **tol)
+        for r in (2, 5):
+            u, v = split(dec, r)
+            torch.testing.assert_close(u.double() @ v.double(), truncated[r - 1], **tol)

@@ -106,12 +106,14 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:  # no input energy at all: whitening is meaningless, the plain SVD is exact
         return svd(weight.to(torch.float64), top)
-    c = damped(c, damping * scale)
     # The second moments, their factor and its inverse in float64 (their conditioning is the
     # inputs'); the SVD of W L in the weight's compute dtype (float32 for float32 weights,
     # as SVD-LLM does, at half the time): its error, ~1e-7 of the largest singular value,
     # is far below the truncation error of any rank that saves parameters.
     dtype = dtype or compute_dtype(weight.dtype)
+    if top is None and w.shape[0] < n:  # a wide layer: the m x m side, no n x n factor
+        return _output_side(w, c, damping * scale, dtype)
+    c = damped(c, damping * scale)
     chol, info = torch.linalg.cholesky_ex(c)
     if int(info) == 0:
         del c  # (an n x n matrix: a 0.9 GiB one for an 11,008-wide input)
@@ -127,6 +129,28 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     U, S, Vh = thin_svd((w @ (basis * root)).to(dtype), top)
     unwhiten = lambda b: (b.to(torch.float64) / root) @ basis.T  # noqa: E731
     return SVD(U, S, Vh, unwhiten)
+
+
+def _output_side(w: torch.Tensor, c: torch.Tensor, shift: float, dtype: torch.dtype) -> SVD:
+    """The whitened SVD of a wide W (m < n outputs than inputs) from its m x m side: the left
+    singular vectors U of W L (L L^T = C + shift I) are the eigenvectors of
+    W (C + shift I) W^T, its singular values the roots of their eigenvalues, and the rank-D
+    truncation is U_D U_D^T W, whatever the root L: no n x n Cholesky factor, inverse or
+    SVD (an 11,008-wide down projection's are the largest costs of its fit). Float64
+    throughout, so the squared singular values keep ~1e-16 of the largest: below the
+    float32 SVD's round-off for every singular value above 1e-8 of the largest."""
+    k = (w @ c) @ w.T
+    k.add_(w @ w.T, alpha=shift)
+    evals, evecs = torch.linalg.eigh((k + k.T) / 2)
+    del k
+    evecs = evecs.flip(1)
+    S = evals.flip(0).clamp_min(0).sqrt().to(dtype)
+    U = evecs.to(dtype)
+    safe = torch.where(S > 0, S, torch.ones_like(S)).double()
+
+    def unwhiten(b: torch.Tensor) -> torch.Tensor:  # S_D U_D^T -> U_D^T W (a zero S: a zero row)
+        return (b.to(torch.float64) / safe[:b.shape[0], None]) @ w
+    return SVD(U, S, U.T, unwhiten)
 
 
 @torch.no_grad()
@@ -151,6 +175,8 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     a = cross.to(w.device, torch.float64)
     rhs = (a - c).T @ w.T
     del a
-    target = w + torch.linalg.solve(damped(c, ridge * scale), rhs).T
-    del rhs
+    ridged = damped(c, ridge * scale)
+    chol, info = torch.linalg.cholesky_ex(ridged)  # (positive definite unless the ridge is 0)
+    target = w + (torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(ridged, rhs)).T
+    del rhs, ridged, chol
     return whitened_svd(target, c, damping, top, compute_dtype(weight.dtype))
