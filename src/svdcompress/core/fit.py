@@ -90,16 +90,17 @@ class _Basis:
         self.held = self.q.T @ held_gram @ self.q  # Q^T G_held Q
         self.held_cross = held_cross @ self.q  # A_held Q: W A_held Q is each layer's
         self.shift = None if stats.fit[1] is None else (cross - gram) @ self.q  # (A - G) Q
-        self._held = {}
+        self._cast = {}
 
     def root(self, damping: float) -> torch.Tensor:
         return (self.lam + damping * self.scale).sqrt()
 
-    def held_dt(self, dtype: torch.dtype) -> torch.Tensor:
-        """Q^T G_held Q in ``dtype`` (made once per input, for every layer fed it)."""
-        if dtype not in self._held:
-            self._held[dtype] = self.held.to(dtype)
-        return self._held[dtype]
+    def as_dt(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One of the basis' matrices (``q``, ``held``, ``held_cross``, ``shift``) in
+        ``dtype``, made once per input for every layer fed it."""
+        if (name, dtype) not in self._cast:
+            self._cast[name, dtype] = getattr(self, name).to(dtype)
+        return self._cast[name, dtype]
 
 
 def _basis(stats: Stats) -> _Basis:
@@ -186,10 +187,11 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
     if not basis.scale > 0:
         return None
     dt = compute_dtype(weight.dtype)
-    w = weight.detach().to(torch.float64)
-    wq, y = (w @ basis.q).to(dt), (w @ basis.held_cross).to(dt)
-    n = basis.held_dt(dt)
-    shift = None if basis.shift is None else (w @ basis.shift).to(dt)
+    w = weight.detach().to(dt)  # (the products in the compute dtype too: the basis' matrices
+    # were formed in float64, the differences A - G included)
+    wq, y = w @ basis.as_dt("q", dt), w @ basis.as_dt("held_cross", dt)
+    n = basis.as_dt("held", dt)
+    shift = None if basis.shift is None else w @ basis.as_dt("shift", dt)
     roots = {"plain": (torch.ones_like(basis.lam), None), "whiten": (basis.root(damping), None)}
     if damping < STRONG_DAMPING and shift is None:
         roots[f"whiten damping={STRONG_DAMPING:g}"] = (basis.root(STRONG_DAMPING), None)
