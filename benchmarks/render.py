@@ -318,7 +318,8 @@ def headline(_: dict | None = None) -> str:
     cal = ROOT / "benchmarks/results/calibration_speed.json"
     if cal.exists():  # the current code's SmolLM2 rows: the whitened default against SVD-LLM's algorithm
         cs = json.loads(cal.read_text())
-        run = cs["runs"].get("now") or list(cs["runs"].values())[-1]  # the current code's rows
+        # the current code's rows: the last run recorded that measured SmolLM2
+        run = [r for r in cs["runs"].values() if any(x["part"] == "smollm2" for x in r["rows"])][-1]
         got = {(r["calibration_sequences"], r["method"]): r for r in run["rows"] if r["part"] == "smollm2"}
         parts = []
         for seqs in sorted({s for s, _ in got}):
