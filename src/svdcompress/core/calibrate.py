@@ -130,9 +130,9 @@ class Moments:
             ys = y[rows]
             if ys.shape[0] == 0:
                 continue
-            self.yy[part].add_((ys.T @ ys).to(torch.float64))
+            _add_product(self.yy[part], ys, ys)
             if x is not None:
-                self.xy[part].add_((x[rows].T @ ys).to(torch.float64))
+                _add_product(self.xy[part], x[rows], ys)
             self.count[part] += ys.shape[0]
 
     def stats(self, name: str = "") -> Stats:
@@ -164,6 +164,20 @@ class Moments:
         gram = _finite(name, yy[0].add_(yy[1]).div_(total))
         cross = None if xy is None else xy[0].add_(xy[1]).div_(total)
         return Stats(gram, cross, total)
+
+
+COLUMNS = 2048  # wider inputs' products are summed in column blocks of this many
+
+
+def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a^T b (float64 total, products in a's dtype), in column blocks when wide: the
+    product and its float64 copy are n x COLUMNS, not n x n (an 11,008-wide input's whole
+    product and copy would be 1.4 GiB)."""
+    if b.shape[1] <= COLUMNS:
+        total.add_((a.T @ b).to(torch.float64))
+        return
+    for j in range(0, b.shape[1], COLUMNS):
+        total[:, j:j + COLUMNS].add_((a.T @ b[:, j:j + COLUMNS]).to(torch.float64))
 
 
 @torch.no_grad()

@@ -88,6 +88,33 @@ def damped(c: torch.Tensor, shift: float) -> torch.Tensor:
     return out
 
 
+COLUMNS = 1024  # column block of the chunked products below
+
+
+def damped_cholesky(c: torch.Tensor, shift: float) -> tuple[torch.Tensor, bool]:
+    """The Cholesky factor of c + shift * I, made in place in one copy of c (no second
+    n x n matrix: an 11,008-wide input's is 0.9 GiB); and whether it exists."""
+    out = damped(c, shift)
+    _, info = torch.linalg.cholesky_ex(out, out=(out, torch.empty((), dtype=torch.int32, device=c.device)))
+    return out, int(info) == 0
+
+
+def times(x: torch.Tensor, big: torch.Tensor, dtype: torch.dtype | None = None,
+          minus: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ big (x: k x n, big: n x n, k < n) in ``dtype`` (x's by default), taken in column
+    blocks of ``big`` converted one at a time: no copy of ``big`` in another dtype is made.
+    With ``minus``: x @ (big - minus), the difference taken in big's dtype block by block."""
+    dtype = dtype or x.dtype
+    x = x.to(dtype)
+    cols = []
+    for j in range(0, big.shape[1], COLUMNS):
+        block = big[:, j:j + COLUMNS]
+        if minus is not None:
+            block = block - minus[:, j:j + COLUMNS].to(block.dtype)
+        cols.append(x @ block.to(dtype))
+    return torch.cat(cols, 1)
+
+
 @torch.no_grad()
 def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: float = 1e-2,
                  top: int | None = None, dtype: torch.dtype | None = None) -> SVD:
@@ -113,16 +140,15 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     dtype = dtype or compute_dtype(weight.dtype)
     if top is None and w.shape[0] < n:  # a wide layer: the m x m side, no n x n factor
         return _output_side(w, c, damping * scale, dtype)
-    c = damped(c, damping * scale)
-    chol, info = torch.linalg.cholesky_ex(c)
-    if int(info) == 0:
-        del c  # (an n x n matrix: a 0.9 GiB one for an 11,008-wide input)
+    chol, ok = damped_cholesky(c, damping * scale)
+    if ok:
         U, S, Vh = thin_svd((w @ chol).to(dtype), top)
         # B L^{-1} = (L^{-T} B^T)^T: one triangular solve
         unwhiten = lambda b: torch.linalg.solve_triangular(  # noqa: E731
             chol.T, b.to(torch.float64).T, upper=True).T
         return SVD(U, S, Vh, unwhiten)
-    evals, evecs = torch.linalg.eigh(c)
+    del chol
+    evals, evecs = torch.linalg.eigh(damped(c, damping * scale))
     keep = evals > evals.max() * n * torch.finfo(torch.float64).eps
     root = evals[keep].sqrt()
     basis = evecs[:, keep]  # L = basis diag(root), L^+ = diag(1/root) basis^T
@@ -139,7 +165,7 @@ def _output_side(w: torch.Tensor, c: torch.Tensor, shift: float, dtype: torch.dt
     SVD (an 11,008-wide down projection's are the largest costs of its fit). Float64
     throughout, so the squared singular values keep ~1e-16 of the largest: below the
     float32 SVD's round-off for every singular value above 1e-8 of the largest."""
-    k = (w @ c) @ w.T
+    k = times(w, c) @ w.T
     k.add_(w @ w.T, alpha=shift)
     evals, evecs = torch.linalg.eigh((k + k.T) / 2)
     del k
@@ -172,11 +198,11 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     if not scale > 0:
         return svd(w, top)
     ridge = damping if shrink is None else shrink
-    a = cross.to(w.device, torch.float64)
-    rhs = (a - c).T @ w.T
-    del a
-    ridged = damped(c, ridge * scale)
-    chol, info = torch.linalg.cholesky_ex(ridged)  # (positive definite unless the ridge is 0)
-    target = w + (torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(ridged, rhs)).T
-    del rhs, ridged, chol
+    rhs = times(w, cross.to(w.device), torch.float64, minus=c).T  # (A - C)^T W^T, no n x n difference
+    chol, ok = damped_cholesky(c, ridge * scale)  # (positive definite unless the ridge is 0)
+    if not ok:
+        del chol
+        chol = damped(c, ridge * scale)
+    target = w + (torch.cholesky_solve(rhs, chol) if ok else torch.linalg.solve(chol, rhs)).T
+    del rhs, chol
     return whitened_svd(target, c, damping, top, compute_dtype(weight.dtype))

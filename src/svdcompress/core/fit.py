@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from .calibrate import Stats
-from .factorize import SVD, compute_dtype, damped, thin_svd, compensated_svd, split, svd, whitened_svd
+from .factorize import (SVD, compute_dtype, damped_cholesky, thin_svd, compensated_svd, split, svd, times,
+                        whitened_svd)
 
 SHRINK = (1e-2, 1e-1, 1.0)  # ridge strengths of the compensation, x mean input energy
 STRONG_DAMPING = 1.0
@@ -224,14 +225,12 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     scale = float(torch.diagonal(gram64).mean())
     if not scale > 0:
         return None
-    # products in the weight's compute dtype (as in ``scores``); the ridge solves in float64
-    gram = gram64.to(dt)
-    held = stats.held[0].to(dt)
-    held_cross = held if stats.held[1] is None else stats.held[1].to(dt)
+    # products in the weight's compute dtype (as in ``scores``), each n x n statistic
+    # converted a column block at a time (``times``: no n x n copy); the ridge solves in float64
+    held = stats.held[0]
     w = weight.detach().to(dt)
-    w_a = w @ held_cross  # W A_h
-    base = {"ww": w @ w.T, "wgw": (w @ gram) @ w.T, "wgh": (w @ held) @ w.T, "wa": w_a @ w.T}
-    del gram, held_cross  # (n x n each; held is needed again below)
+    w_a = times(w, held if stats.held[1] is None else stats.held[1], dt)  # W A_h
+    base = {"ww": w @ w.T, "wgw": times(w, gram64, dt) @ w.T, "wgh": times(w, held, dt) @ w.T, "wa": w_a @ w.T}
 
     def error(k_mat: torch.Tensor, t_held_t: torch.Tensor, w_a_t: torch.Tensor) -> float:
         u = torch.linalg.eigh(k_mat)[1][:, -rank:]
@@ -252,19 +251,19 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     if stats.fit[1] is not None and shrinks:
         # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
         # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB)
-        a_fit, n_in = stats.fit[1], gram64.shape[1]
-        r = torch.cat([w @ (a_fit[:, j:j + 1024].to(f64) - gram64[:, j:j + 1024]).to(dt)
-                       for j in range(0, n_in, 1024)], 1)
+        r = times(w, stats.fit[1], dt, minus=gram64)
         r64 = r.to(f64).T
         rw = r @ w.T
         for lam in shrinks:
-            chol = torch.linalg.cholesky(damped(gram64, lam * scale))
+            chol, ok = damped_cholesky(gram64, lam * scale)
+            if not ok:
+                raise torch.linalg.LinAlgError("the damped second moments are not positive definite")
             shift = torch.cholesky_solve(r64, chol).T.to(dt)  # S = R (G + lam s I)^-1
             del chol
             sw, ss, rs = shift @ w.T, shift @ shift.T, r @ shift.T
             sg_w, sg_s = rw - lam * scale * sw, rs - lam * scale * ss  # S G W^T, S G S^T
             k_mat = metric(damping) + sg_w + sg_w.T + sg_s + damping * scale * (sw + sw.T + ss)
-            s_held = shift @ held  # S G_h
+            s_held = times(shift, held, dt)  # S G_h
             shw = s_held @ w.T
             t_held_t = base["wgh"] + shw + shw.T + s_held @ shift.T
             out[f"compensated shrink={lam:g}"] = error(k_mat, t_held_t, base["wa"] + w_a @ shift.T)
