@@ -12,7 +12,7 @@ from torch import nn
 import svdcompress as sc
 from svdcompress.core.calibrate import Moments
 from svdcompress.core.factorize import split, svd, whitened_svd
-from svdcompress.core.fit import candidates, fit_layer, held_out_error, scores
+from svdcompress.core.fit import candidates, fit_layer, held_out_error, scores, strongly_damped
 from svdcompress.core.rank import allocate, saves_parameters
 
 
@@ -60,10 +60,10 @@ def test_the_fit_chosen_has_the_least_held_out_error_and_is_refitted_on_all_rows
     stats = m.stats()
     dec, label = fit_layer(w, 4, stats, 1e-2)
     scores = {}
-    for name, make in candidates(w, True, 1e-2).items():
+    for name, make in candidates(w, True, 1e-2, strong=strongly_damped(stats, w)).items():
         scores[name] = held_out_error(w, *split(make(*stats.fit), 4), stats.held)
     assert label == min(scores, key=scores.get)
-    refit = candidates(w, True, 1e-2)[label](stats.gram, stats.cross)
+    refit = candidates(w, True, 1e-2, strong=strongly_damped(stats, w))[label](stats.gram, stats.cross)
     torch.testing.assert_close(dec.S, refit.S)
     # no selection: the compensated fit on all rows, as before
     assert fit_layer(w, 4, stats, 1e-2, select=False)[1].startswith("compensated")
@@ -90,7 +90,7 @@ def test_fast_scores_equal_each_candidate_factorised_apart(shape, sequential, sh
     stats = layer_stats(shape[1], sequential, seed=sum(shape))
     if shared_basis:  # as when a square layer fed the same input was fitted first
         _basis(stats)
-    reference = candidates(w, sequential, 1e-2)
+    reference = candidates(w, sequential, 1e-2, strong=strongly_damped(stats, w))
     for rank in range(1, min(shape) + 1):
         fast = scores(w, rank, stats, 1e-2)
         assert fast.keys() == reference.keys()
@@ -182,7 +182,7 @@ def test_the_fit_chosen_is_the_reference_choice(seed):
         sequential, rows = seed % 2 == 0, (6, 40, 400)[seed % 3]
         w = teacher(seed)[2].weight.detach().double()
         stats = layer_stats(64, sequential, seed, rows=rows, batches=4, noise=0.05 * (seed % 4))
-    fits = candidates(w, sequential, 1e-2)
+    fits = candidates(w, sequential, 1e-2, strong=strongly_damped(stats, w))
     chosen = set()
     for rank in (4, 16, 40):
         exact = {k: held_out_error(w, *split(f(*stats.fit), rank), stats.held) for k, f in fits.items()}
@@ -366,7 +366,7 @@ def test_a_small_rank_of_a_wide_layer_is_scored_by_a_randomized_svd_close_to_exa
     assert rank + 10 < width // 4  # the randomized branch
     fast = scores(w, rank, stats, 1e-2)
     exact = {k: held_out_error(w, *split(f(*stats.fit), rank), stats.held)
-             for k, f in candidates(w, True, 1e-2).items()}
+             for k, f in candidates(w, True, 1e-2, strong=strongly_damped(stats, w)).items()}
     for label in exact:
         assert fast[label] == pytest.approx(exact[label], rel=5e-3), label
     assert min(fast, key=fast.get) == min(exact, key=exact.get)

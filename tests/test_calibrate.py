@@ -263,8 +263,9 @@ def test_damped_shifts_the_diagonal_exactly():
 
 def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
     """Sequential block-wise calibration: when a wide layer (an MLP's down projection) has
-    chosen its fit, the only float64 statistics of its input width alive are its gram and
-    cross totals (before: both totals and four parts, and the moments' sums)."""
+    chosen its fit, the only float64 statistic of its input width alive is its gram total;
+    its cross moments are kept on the weight's side, W E[x y^T] (outputs x inputs), from
+    the start (before: both n x n totals and four parts, and the moments' sums)."""
     import gc
 
     import svdcompress as sc
@@ -297,6 +298,7 @@ def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
     def scored(self):
         original(self)
         if self.consumers == 0 and self.gram.shape == (inner, inner):
+            assert self.weighted and self.cross.shape == (width, inner)
             gc.collect()
             seen.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
                             and o.dtype == torch.float64 and tuple(o.shape) == (inner, inner)))
@@ -306,7 +308,7 @@ def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
     net = Net()
     batches = [torch.randn(64, width) for _ in range(3)]
     sc.compress_(net, sc.SVDConfig(rank=3, method="whiten"), batches)
-    assert seen == [2, 2]  # each block's down projection: gram and cross, nothing else
+    assert seen == [1, 1]  # each block's down projection: its gram, nothing else
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -345,3 +347,50 @@ def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference
         for r in (2, 5):
             u, v = split(dec, r)
             torch.testing.assert_close(u.double() @ v.double(), truncated[r - 1], **tol)
+
+
+def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monkeypatch):
+    """A wide layer alone on its input keeps W E[x y^T] instead of E[x y^T]: the fits chosen
+    and the factors are those of the n x n cross moments, to float tolerance."""
+    import copy
+
+    import svdcompress as sc
+    from svdcompress.core import blockwise
+
+    width, inner = 10, 36
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
+
+        def forward(self, x):
+            return x + self.down(torch.tanh(self.up(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(1)
+    net = Net()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(48, width, generator=g) @ torch.randn(width, width, generator=g) for _ in range(4)]
+    runs = {}
+    for weighted in (True, False):
+        if not weighted:
+            monkeypatch.setattr(blockwise, "_wide_weight", lambda block, group: None)
+        model = copy.deepcopy(net)
+        report = sc.compress_(model, sc.SVDConfig(rank=4, method="whiten"), batches)
+        runs[weighted] = model, [r.fit for r in report.compressed]
+    assert runs[True][1] == runs[False][1]
+    assert any(f.startswith("compensated") for f in runs[True][1])
+    for name, layer in runs[True][0].named_modules():
+        if isinstance(layer, sc.LowRankLinear):
+            torch.testing.assert_close(layer.dense_weight(), runs[False][0].get_submodule(name).dense_weight(),
+                                       rtol=1e-4, atol=1e-5)

@@ -262,6 +262,18 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
     return rows if stop else (rows, out)
 
 
+def _wide_weight(block: nn.Module, group: Group) -> torch.Tensor | None:
+    """The weight matrix (float32, or float64 for a float64 layer) of a group's only layer
+    when it has fewer outputs than inputs; else None."""
+    if len(group.names) != 1:
+        return None
+    layer = block.get_submodule(group.names[0])
+    w = dense_kind(layer).matrix(layer).detach()
+    if w.shape[0] >= w.shape[1]:
+        return None
+    return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32)
+
+
 @torch.no_grad()
 def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], streams: list[Stream],
                     finish: Callable, sequential: bool, device=None, progress: bool = False,
@@ -303,12 +315,18 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
 
             def fit_group(k, group, rows_by_batch):
                 stats = Moments()
+                # a wide layer alone on its input keeps its cross moments on its weight's
+                # side, as W (A - G) = E[W (x - y) y^T] (m x n, not n x n: every fit of it
+                # uses only that product; the difference taken on the rows, so it is exactly
+                # zero where the inputs did not change)
+                w = _wide_weight(block, group)
                 with phase(profile, "statistics"):
                     for j, ys in enumerate(rows_by_batch):
                         for x, y in zip(kept[j][k], ys):  # call by call
-                            stats.add(y, x)
+                            stats.add(y, x if w is None else (x.to(w.dtype) - y.to(w.dtype)) @ w.T)
                         kept[j][k] = None
                     stats = stats.stats(here + group.names[0])
+                stats.weighted = w is not None
                 stats.consumers = len(group.names)  # (then its parts are folded, see Stats.scored)
                 for name in group.names:
                     finish(here + name, stats)

@@ -44,7 +44,8 @@ class Stats:
     held-out rows apart (to choose a fit by its error on rows it was not fitted to).
 
     ``gram`` = E[y y^T] of the inputs y the layer is fitted on; ``cross`` = E[x y^T] where x
-    are its inputs in the original network (sequential calibration), None when x = y.
+    are its inputs in the original network (sequential calibration), None when x = y; with
+    ``weighted``, W (E[x y^T] - E[y y^T]) for the weight W of the one layer they feed.
 
     When the rows were split (``fit`` and ``held`` given with their shares ``weights`` of
     all rows), only the two parts are kept: ``gram`` and ``cross`` are formed from them
@@ -64,6 +65,10 @@ class Stats:
         # how many layers will still choose their fit on these statistics; None: not counted
         # (then the parts are kept for as long as the Stats live)
         self.consumers: int | None = None
+        # the cross moments are kept on the weight's side, as W (E[x y^T] - E[y y^T]) (m x n)
+        # for the weight W of the one layer they feed, not E[x y^T] (n x n); see
+        # blockwise.compress_blocks
+        self.weighted = False
 
     def scored(self) -> None:
         """One layer fed these inputs has chosen its fit (fit.fit_layer, before its final
@@ -90,6 +95,11 @@ class Stats:
     @property
     def gram(self) -> torch.Tensor:
         return self._gram if self._gram is not None else self._total(0)
+
+    @property
+    def paired(self) -> bool:
+        """Whether there are cross moments (sequential calibration), without forming them."""
+        return (self._cross if self._gram is not None else self.fit[1]) is not None
 
     @property
     def cross(self) -> torch.Tensor | None:

@@ -181,7 +181,8 @@ def _output_side(w: torch.Tensor, c: torch.Tensor, shift: float, dtype: torch.dt
 
 @torch.no_grad()
 def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
-                    damping: float = 1e-2, shrink: float | None = None, top: int | None = None) -> SVD:
+                    damping: float = 1e-2, shrink: float | None = None, top: int | None = None,
+                    weighted: bool = False) -> SVD:
     """Rank-D factors minimising ||W X - W_D X'|| when the layer's inputs changed from X (the
     original network) to X' (the network whose earlier layers are compressed).
 
@@ -191,6 +192,7 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     Estimated from few rows, the correction W (A - C') C'^{-1} fits the calibration set
     rather than the data: it is shrunk toward W by a ridge, (C' + shrink * mean(diag) I)
     in place of C' (``shrink`` defaults to ``damping``; 0 is the exact optimum).
+    ``weighted``: ``cross`` is W (A - C') (m x n) already (calibrate.Stats.weighted).
     """
     w = weight.detach().to(torch.float64)
     c = gram.to(w.device, torch.float64)
@@ -198,7 +200,10 @@ def compensated_svd(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tenso
     if not scale > 0:
         return svd(w, top)
     ridge = damping if shrink is None else shrink
-    rhs = times(w, cross.to(w.device), torch.float64, minus=c).T  # (A - C)^T W^T, no n x n difference
+    if weighted:
+        rhs = cross.to(w.device, torch.float64).T
+    else:
+        rhs = times(w, cross.to(w.device), torch.float64, minus=c).T  # (A - C)^T W^T, no n x n difference
     chol, ok = damped_cholesky(c, ridge * scale)  # (positive definite unless the ridge is 0)
     if not ok:
         del chol

@@ -14,10 +14,11 @@ refitted on all rows. The candidates:
 * ``compensated``: (sequential calibration) the compensated target, its correction shrunk
   toward W by a ridge of each strength in SHRINK.
 
-With sequential calibration the strongly damped whitening is not a candidate: it never won
-on SmolLM2-135M (16 and 64 sequences), MiniLM or the reference MLP (benchmarks/
-calibration_speed.json records the fits chosen), where the compensated fit at the
-strongest shrink covers the same ground; it cost a sixth of the scoring.
+With sequential calibration and ample rows (ROWS_PER_INPUT or more per input feature) the
+strongly damped whitening is not a candidate: it never won on SmolLM2-135M (16 and 64
+sequences) or MiniLM (benchmarks/calibration_speed.json records the fits chosen), where the
+compensated fit at the strongest shrink covers the same ground, and it cost a sixth of the
+scoring. On scarce rows it is kept: there it does win (tests/test_budget.py's few rows).
 """
 
 from __future__ import annotations
@@ -39,37 +40,45 @@ SKETCH_FROM = 256  # layers this large score a small rank's candidates by a rand
 
 
 def held_out_error(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                   held: tuple[torch.Tensor, torch.Tensor | None]) -> float:
+                   held: tuple[torch.Tensor, torch.Tensor | None], weighted: bool = False) -> float:
     """E||W x - u v x'||^2 - E||W x||^2 on the held-out rows (the constant term is left out:
-    it is the same for every candidate). ``held`` = (E[x' x'^T], E[x x'^T] or None: x = x')."""
+    it is the same for every candidate). ``held`` = (E[x' x'^T], E[x x'^T] or None: x = x';
+    ``weighted``: W (E[x x'^T] - E[x' x'^T]))."""
     gram, cross = (t.to(torch.float64) for t in (held[0], held[0] if held[1] is None else held[1]))
     w, u, v = weight.to(torch.float64), u.to(torch.float64), v.to(torch.float64)
-    return float(-2 * (u * (w @ cross @ v.T)).sum() + ((u.T @ u) * (v @ gram @ v.T)).sum())
+    w_cross = w @ gram + cross if weighted and held[1] is not None else w @ cross
+    return float(-2 * (u * (w_cross @ v.T)).sum() + ((u.T @ u) * (v @ gram @ v.T)).sum())
 
 
-def candidates(weight: torch.Tensor, compensate: bool, damping: float
-               ) -> dict[str, Callable[..., SVD]]:
+def strongly_damped(stats: Stats, weight: torch.Tensor) -> bool:
+    """Whether the strongly damped whitening is a candidate (see the module's docstring)."""
+    return not stats.paired or stats.rows < ROWS_PER_INPUT * weight.shape[1]
+
+
+def candidates(weight: torch.Tensor, compensate: bool, damping: float, weighted: bool = False,
+               strong: bool | None = None) -> dict[str, Callable[..., SVD]]:
     """label -> fit(gram, cross, top=None) of every candidate (see the module's docstring);
     ``top``: only the leading triplets are needed (a cheaper, randomized SVD)."""
     plain = functools.cache(lambda top=None: svd(weight, top))  # the same whatever the data
     out: dict[str, Callable] = {"plain": lambda g, c, top=None: plain(top),
                                 "whiten": lambda g, c, top=None: whitened_svd(weight, g, damping, top)}
-    if damping < STRONG_DAMPING and not compensate:
+    if damping < STRONG_DAMPING and (not compensate if strong is None else strong):
         out[f"whiten damping={STRONG_DAMPING:g}"] = \
             lambda g, c, top=None: whitened_svd(weight, g, STRONG_DAMPING, top)
     if compensate:
         for lam in SHRINK:
             out[f"compensated shrink={lam:g}"] = \
-                lambda g, c, top=None, lam=lam: compensated_svd(weight, g, c, damping, lam, top)
+                lambda g, c, top=None, lam=lam: compensated_svd(weight, g, c, damping, lam, top, weighted)
     return out
 
 
 def default_fit(weight: torch.Tensor, stats: Stats, damping: float) -> tuple[SVD, str]:
     """The data-aware fit on all rows, with no choice: whitened, or compensated when the
     inputs changed (sequential calibration)."""
-    if stats.cross is None:
+    if not stats.paired:
         return whitened_svd(weight, stats.gram, damping), "whiten"
-    return compensated_svd(weight, stats.gram, stats.cross, damping), f"compensated shrink={damping:g}"
+    return (compensated_svd(weight, stats.gram, stats.cross, damping, weighted=stats.weighted),
+            f"compensated shrink={damping:g}")
 
 
 class _Basis:
@@ -182,7 +191,7 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
     these labels (a close call redone in float64)."""
     if not damping > 0:
         return None
-    if "basis" not in stats.cache and weight.shape[0] < weight.shape[1]:
+    if stats.weighted or ("basis" not in stats.cache and weight.shape[0] < weight.shape[1]):
         return _output_side_scores(weight, rank, stats, damping, only)
     basis = _basis(stats)
     if not basis.scale > 0:
@@ -194,7 +203,7 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
     n = basis.as_dt("held", dt)
     shift = None if basis.shift is None else w @ basis.as_dt("shift", dt)
     roots = {"plain": (torch.ones_like(basis.lam), None), "whiten": (basis.root(damping), None)}
-    if damping < STRONG_DAMPING and shift is None:
+    if damping < STRONG_DAMPING and strongly_damped(stats, weight):
         roots[f"whiten damping={STRONG_DAMPING:g}"] = (basis.root(STRONG_DAMPING), None)
     if shift is not None:  # T = W + W (A - G) (G + lam s I)^-1, whitened
         root = basis.root(damping)
@@ -229,7 +238,8 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     # converted a column block at a time (``times``: no n x n copy); the ridge solves in float64
     held = stats.held[0]
     w = weight.detach().to(dt)
-    w_a = times(w, held if stats.held[1] is None else stats.held[1], dt)  # W A_h
+    w_a = times(w, held, dt) if stats.held[1] is None else \
+        times(w, held, dt) + stats.held[1].to(dt) if stats.weighted else times(w, stats.held[1], dt)  # W A_h
     base = {"ww": w @ w.T, "wgw": times(w, gram64, dt) @ w.T, "wgh": times(w, held, dt) @ w.T, "wa": w_a @ w.T}
 
     def error(k_mat: torch.Tensor, t_held_t: torch.Tensor, w_a_t: torch.Tensor) -> float:
@@ -243,7 +253,7 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
         return only is None or label in only
 
     whitened = {"plain": None, "whiten": damping}
-    if damping < STRONG_DAMPING and stats.fit[1] is None:
+    if damping < STRONG_DAMPING and strongly_damped(stats, weight):
         whitened[f"whiten damping={STRONG_DAMPING:g}"] = STRONG_DAMPING
     out = {label: error(base["ww"] if d is None else metric(d), base["wgh"], base["wa"])
            for label, d in whitened.items() if wanted(label)}
@@ -251,7 +261,7 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     if stats.fit[1] is not None and shrinks:
         # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
         # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB)
-        r = times(w, stats.fit[1], dt, minus=gram64)
+        r = stats.fit[1].to(dt) if stats.weighted else times(w, stats.fit[1], dt, minus=gram64)
         r64 = r.to(f64).T
         rw = r @ w.T
         for lam in shrinks:
@@ -283,7 +293,7 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
     if not select or stats.fit is None or stats.held is None:
         stats.scored()
         return default_fit(weight, stats, damping)
-    fits = candidates(weight, stats.cross is not None, damping)
+    fits = candidates(weight, stats.paired, damping, stats.weighted, strongly_damped(stats, weight))
     found = scores(weight, min(rank, *weight.shape), stats, damping)
     if found is not None and compute_dtype(weight.dtype) != torch.float64:
         least, window = min(found.values()), CLOSE_CALL * max(abs(v) for v in found.values())
@@ -298,7 +308,8 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
         fit_gram, fit_cross = stats.fit
         for label, make in fits.items():
             dec = make(fit_gram, fit_cross, top=rank)
-            found[label] = held_out_error(weight, *split(dec, min(rank, dec.S.numel())), stats.held)
+            found[label] = held_out_error(weight, *split(dec, min(rank, dec.S.numel())), stats.held,
+                                          stats.weighted)
     least = min(found.values())
     tied = [k for k, e in found.items() if e <= least + 1e-9 * abs(least)]  # round-off apart
     best = "plain" if "plain" in tied else tied[0]  # a tie goes to plain
