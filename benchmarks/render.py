@@ -328,8 +328,9 @@ def headline(_: dict | None = None) -> str:
                 parts.append(f"{seqs} x 512 tokens: {ours['seconds']:.0f} s for perplexity {ours['perplexity']:.1f}, "
                              f"SVD-LLM's algorithm {theirs['seconds']:.0f} s for {theirs['perplexity']:.1f} "
                              f"({ours['seconds'] / theirs['seconds']:.1f}x the time)")
-        # the 7B-shaped block: the latest code's row (the last run that measured one)
-        block = ([r for rs in cs["runs"].values() for r in rs["rows"] if r["part"] == "block7b"] or [None])[-1]
+        # the 7B-shaped block: the current code's row, else the last run that measured one
+        block = ([r for r in run["rows"] if r["part"] == "block7b"] or
+                 [r for rs in cs["runs"].values() for r in rs["rows"] if r["part"] == "block7b"] or [None])[-1]
         if parts and block:
             parts.append(f"one LLaMA-7B-shaped block (bfloat16, 32 x 512 tokens): {block['seconds']:,.0f} s, "
                          f"about {32 * block['seconds'] / 3600:.0f} hours for a 7B model's 32 blocks on this CPU "
