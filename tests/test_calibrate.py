@@ -333,6 +333,7 @@ def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for d in (1e-2, 1.0):
         dec = whitened_svd(w.to(dtype), gram, d)
+        assert dec.shape == (m, n)
         s, truncated = reference(w, d)
         torch.testing.assert_close(dec.S.double(), s, **tol)
         for r, want in enumerate(truncated, 1):

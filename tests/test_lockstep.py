@@ -120,3 +120,56 @@ def test_blocks_after_the_last_one_with_target_layers_are_not_run(monkeypatch):
     assert [r.name for r in report.compressed] == ["blocks.0.a", "blocks.0.b", "blocks.0.c"]
     assert runs[2] == runs[1] <= 1  # at most the capture's check that the blocks are chained
     assert runs[0] > len(batches)
+
+
+class AutocastBlock(nn.Module):
+    """A block that runs under its own autocast (mixed precision in the model's code)."""
+
+    def __init__(self, width=12):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, 3 * width), nn.Linear(3 * width, width)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (x + self.b(torch.tanh(self.a(x)))).float()
+
+
+def test_a_pass_parked_inside_its_autocast_leaks_it_to_no_fit_and_no_caller(monkeypatch):
+    """The passes share the caller's thread: what one leaves set while parked (here the
+    block's autocast) is its own. The fits run in full precision, the compression gives the
+    factors of partial passes, and the caller's autocast and grad mode are as they were."""
+    from svdcompress.core import compress as compress_module
+    net = Net()
+    net.blocks = nn.ModuleList(AutocastBlock() for _ in range(3))
+    batches = data()
+    during = []
+    real = compress_module.fit_layer
+    monkeypatch.setattr(compress_module, "fit_layer",
+                        lambda *a, **k: during.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
+    fast, fast_report = compressed(net, batches, True, monkeypatch)
+    assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+    assert during == [False] * 6
+    slow, slow_report = compressed(net, batches, False, monkeypatch)
+    assert [r.fit for r in fast_report.compressed] == [r.fit for r in slow_report.compressed]
+    for name, layer in fast.named_modules():
+        if isinstance(layer, sc.LowRankLinear):
+            torch.testing.assert_close(layer.dense_weight(), slow.get_submodule(name).dense_weight(),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_the_callers_grad_mode_survives_the_passes():
+    """Each pass runs without gradients; the caller's grad mode is its own again after
+    every step."""
+    block = nn.Linear(4, 4)
+
+    def run():  # a pass parked at gate 0 between two layers
+        y = block(torch.randn(2, 4))
+        lock.arrive(0, y)
+        return block(y)
+    lock = lockstep._Lockstep([run, run])
+    assert torch.is_grad_enabled()
+    rows = lock.step(0)
+    assert torch.is_grad_enabled() and not any(r.requires_grad for r in rows)
+    lock.step("done")
+    assert torch.is_grad_enabled()
+    assert not any(out.requires_grad for out in lock.out)

@@ -19,14 +19,15 @@ class SVD:
 
     U: torch.Tensor  # (m, k)
     S: torch.Tensor  # (k,) descending
-    Vh: torch.Tensor  # (k, n)
-    # For a whitened SVD (of W L): maps an input factor B (D x n) in whitened coordinates
-    # back to the layer's inputs, B -> B L^{-1}. None for a plain SVD.
+    Vh: torch.Tensor  # (k, n), or (k, k') coordinates that ``unwhiten`` maps to the n inputs
+    # For a whitened SVD (of W L): maps an input factor B (D x n, or D x k') in whitened
+    # coordinates back to the layer's inputs, B -> B L^{-1}. None for a plain SVD.
     unwhiten: Callable[[torch.Tensor], torch.Tensor] | None = None
+    inputs: int | None = None  # n, where Vh's columns are not the inputs
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.U.shape[0], self.Vh.shape[1])
+        return (self.U.shape[0], self.inputs if self.inputs is not None else self.Vh.shape[1])
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,7 +177,7 @@ def _output_side(w: torch.Tensor, c: torch.Tensor, shift: float, dtype: torch.dt
 
     def unwhiten(b: torch.Tensor) -> torch.Tensor:  # S_D U_D^T -> U_D^T W (a zero S: a zero row)
         return (b.to(torch.float64) / safe[:b.shape[0], None]) @ w
-    return SVD(U, S, U.T, unwhiten)
+    return SVD(U, S, U.T, unwhiten, inputs=w.shape[1])
 
 
 @torch.no_grad()

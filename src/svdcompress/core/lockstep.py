@@ -68,19 +68,28 @@ class _Lockstep:
         self.lets = [greenlet.greenlet(torch.no_grad()(f), parent=self.main) for f in passes]
 
     def arrive(self, k: int, rows: torch.Tensor) -> None:
-        """Called in a pass: park it at gate ``k`` with the rows it brought."""
-        self.main.switch((k, rows))
+        """Called in a pass: park it at gate ``k`` with the rows it brought (its thread-local
+        torch state, which the other passes and the fits share the thread with, is kept
+        aside and put back when it resumes)."""
+        mine = _thread_state()
+        try:
+            self.main.switch((k, rows))
+        finally:
+            _set_thread_state(mine)
 
     def step(self, expect) -> list:
         """Let each pass run, in turn, to its next gate (``expect``: that gate's index, or
         "done"); the rows they brought."""
         rows = []
         for j, let in enumerate(self.lets):
+            caller = _thread_state()
             try:
                 got = let.switch()
             except BaseException:
+                _set_thread_state(caller)
                 self.close()
                 raise
+            _set_thread_state(caller)  # (what a parked pass left set, a block's autocast say, is its own)
             if let.dead:
                 self.at[j], self.out[j] = "done", got
                 rows.append(None)
@@ -94,12 +103,39 @@ class _Lockstep:
 
     def close(self) -> None:
         """End every pass still parked (after an error): each unwinds from its gate."""
+        caller = _thread_state()
         for let in self.lets:
             if let and not let.dead:
                 try:
                     let.throw(_Abort)
                 except _Abort:
                     pass
+        _set_thread_state(caller)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _thread_state() -> tuple:
+    """The thread-local torch state a block's forward pass may change and leave set while it
+    is parked: grad mode, and autocast's switch and dtype per device type. Greenlets share
+    their thread's, where the threads each pass once ran in had their own."""
+    autocast = []
+    for device in _AUTOCAST_DEVICES:
+        try:
+            autocast.append((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
+        except (AttributeError, RuntimeError, TypeError):  # (an older torch, or no such device)
+            autocast.append(None)
+    return torch.is_grad_enabled(), tuple(autocast)
+
+
+def _set_thread_state(state: tuple) -> None:
+    grad, autocast = state
+    torch.set_grad_enabled(grad)
+    for device, saved in zip(_AUTOCAST_DEVICES, autocast):
+        if saved is not None:
+            torch.set_autocast_enabled(device, saved[0])
+            torch.set_autocast_dtype(device, saved[1])
 
 
 class _OutOfStep(Exception):
