@@ -261,36 +261,42 @@ def test_damped_shifts_the_diagonal_exactly():
     assert torch.equal(out, c + 0.37 * torch.eye(6, dtype=torch.float64)) and torch.equal(c, before)
 
 
+class UpDown(nn.Module):
+    """A residual block of an up projection and a wide down projection (an MLP's)."""
+
+    def __init__(self, width, inner, act):
+        super().__init__()
+        self.up, self.down, self.act = nn.Linear(width, inner), nn.Linear(inner, width), act
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x)))
+
+
+class UpDownNet(nn.Module):
+    """``blocks`` UpDown blocks, and an optional dense head of ``head`` outputs."""
+
+    def __init__(self, width, inner, blocks, act, head=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(UpDown(width, inner, act) for _ in range(blocks))
+        self.head = None if head is None else nn.Linear(width, head)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x if self.head is None else self.head(x)
+
+
 def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
     """Sequential block-wise calibration: when a wide layer (an MLP's down projection) has
     chosen its fit, the only float64 statistic of its input width alive is its gram total;
-    its cross moments are kept on the weight's side, W E[x y^T] (outputs x inputs), from
-    the start (before: both n x n totals and four parts, and the moments' sums)."""
+    its cross moments are kept on the weight's side, W (E[x y^T] - E[y y^T]) (outputs x
+    inputs), from the start (before: both n x n totals and four parts, and the moments' sums)."""
     import gc
 
     import svdcompress as sc
     from svdcompress.core import calibrate
 
     width, inner = 8, 40
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
-
-        def forward(self, x):
-            return x + self.down(torch.relu(self.up(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(Block() for _ in range(2))
-            self.head = nn.Linear(width, 3)  # (the output layer stays dense)
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return self.head(x)
 
     seen = []
     original = calibrate.Stats.scored
@@ -305,7 +311,7 @@ def test_blockwise_fit_of_a_wide_layer_holds_two_statistics(monkeypatch):
 
     monkeypatch.setattr(calibrate.Stats, "scored", scored)
     torch.manual_seed(0)
-    net = Net()
+    net = UpDownNet(width, inner, 2, torch.relu, head=3)  # (the output layer stays dense)
     batches = [torch.randn(64, width) for _ in range(3)]
     sc.compress_(net, sc.SVDConfig(rank=3, method="whiten"), batches)
     assert seen == [1, 1]  # each block's down projection: its gram, nothing else
@@ -351,7 +357,7 @@ def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference
 
 
 def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monkeypatch):
-    """A wide layer alone on its input keeps W E[x y^T] instead of E[x y^T]: the fits chosen
+    """A wide layer alone on its input keeps W (E[x y^T] - E[y y^T]) instead of E[x y^T]: the fits chosen
     and the factors are those of the n x n cross moments, to float tolerance."""
     import copy
 
@@ -359,27 +365,8 @@ def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monke
     from svdcompress.core import blockwise
 
     width, inner = 10, 36
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.up, self.down = nn.Linear(width, inner), nn.Linear(inner, width)
-
-        def forward(self, x):
-            return x + self.down(torch.tanh(self.up(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList(Block() for _ in range(3))
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = b(x)
-            return x
-
     torch.manual_seed(1)
-    net = Net()
+    net = UpDownNet(width, inner, 3, torch.tanh)
     g = torch.Generator().manual_seed(2)
     batches = [torch.randn(48, width, generator=g) @ torch.randn(width, width, generator=g) for _ in range(4)]
     runs = {}
@@ -395,3 +382,25 @@ def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monke
         if isinstance(layer, sc.LowRankLinear):
             torch.testing.assert_close(layer.dense_weight(), runs[False][0].get_submodule(name).dense_weight(),
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_column_block_products_equal_the_whole_products(monkeypatch):
+    """The products taken a column block at a time (factorize.times, and the moments' sums
+    of wide inputs) equal the whole products."""
+    from svdcompress.core import calibrate, factorize
+    from svdcompress.core.calibrate import Moments
+    monkeypatch.setattr(factorize, "COLUMNS", 4)
+    monkeypatch.setattr(calibrate, "COLUMNS", 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    big, other = (torch.randn(10, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(factorize.times(x, big), x @ big)
+    torch.testing.assert_close(factorize.times(x, big, minus=other), x @ (big - other))
+    assert factorize.times(x, big, torch.float32).dtype == torch.float32
+    y, x = torch.randn(40, 10, generator=g), torch.randn(40, 10, generator=g)
+    m = Moments()
+    m.add(y, x)
+    stats = m.stats()
+    y64, x64 = y.double(), x.double()
+    torch.testing.assert_close(stats.gram, y64.T @ y64 / 40, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.cross, x64.T @ y64 / 40, rtol=1e-6, atol=1e-6)

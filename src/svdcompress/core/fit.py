@@ -238,9 +238,12 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     # converted a column block at a time (``times``: no n x n copy); the ridge solves in float64
     held = stats.held[0]
     w = weight.detach().to(dt)
-    w_a = times(w, held, dt) if stats.held[1] is None else \
-        times(w, held, dt) + stats.held[1].to(dt) if stats.weighted else times(w, stats.held[1], dt)  # W A_h
-    base = {"ww": w @ w.T, "wgw": times(w, gram64, dt) @ w.T, "wgh": times(w, held, dt) @ w.T, "wa": w_a @ w.T}
+    w_held = times(w, held, dt)  # W G_h
+    if stats.held[1] is None:  # W A_h (A_h = G_h when the inputs are unchanged)
+        w_a = w_held
+    else:
+        w_a = w_held + stats.held[1].to(dt) if stats.weighted else times(w, stats.held[1], dt)
+    base = {"ww": w @ w.T, "wgw": times(w, gram64, dt) @ w.T, "wgh": w_held @ w.T, "wa": w_a @ w.T}
 
     def error(k_mat: torch.Tensor, t_held_t: torch.Tensor, w_a_t: torch.Tensor) -> float:
         u = torch.linalg.eigh(k_mat)[1][:, -rank:]
