@@ -99,6 +99,33 @@ def test_fast_scores_equal_each_candidate_factorised_apart(shape, sequential, sh
             assert fast[label] == pytest.approx(exact, rel=1e-9, abs=1e-12), (label, rank)
 
 
+@pytest.mark.parametrize("shape", [(20, 9), (9, 9), (3, 16)])
+def test_unchanged_inputs_score_no_compensated_candidate_and_choose_as_the_reference(shape):
+    """Sequential calibration where a layer's inputs did not change (the first block's): the
+    compensated candidates are the whitened fit over again, so they are not scored (shared
+    basis, output side, and weighted cross moments that are all zero), and the fit chosen is
+    the reference's (whose tie between them goes to the whitened fit)."""
+    from svdcompress.core.calibrate import Stats
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    stats = layer_stats(shape[1], True, seed=7, rows=40, noise=0.0)
+    assert stats.paired
+    fits = candidates(w, True, 1e-2, strong=strongly_damped(stats, w))
+    assert any(k.startswith("compensated") for k in fits)
+    for rank in range(1, min(shape)):
+        found = scores(w, rank, stats, 1e-2)
+        assert set(found) == {"plain", "whiten"}
+        exact = {k: held_out_error(w, *split(f(*stats.fit), rank), stats.held) for k, f in fits.items()}
+        assert fit_layer(w, rank, stats, 1e-2)[1] == min(exact, key=exact.get)
+    if shape[0] < shape[1]:  # a wide layer alone on its input: W (A - G) = 0
+        m, n = shape
+        weighted = Stats(None, None, stats.rows, fit=(stats.fit[0], torch.zeros(m, n, dtype=torch.float64)),
+                         held=(stats.held[0], torch.zeros(m, n, dtype=torch.float64)), weights=stats.weights)
+        weighted.weighted = True
+        found = scores(w, 2, weighted, 1e-2)
+        assert set(found) == {"plain", "whiten"}
+        assert found["whiten"] == pytest.approx(scores(w, 2, stats, 1e-2)["whiten"], rel=1e-9)
+
+
 @pytest.mark.parametrize("shape", [(40, 48), (64, 32), (24, 96)])
 @pytest.mark.parametrize("shared_basis", [False, True])
 def test_float32_weights_are_scored_in_float32_close_to_the_float64_scores(shape, shared_basis):
@@ -163,6 +190,25 @@ def test_a_close_call_rescores_only_the_candidates_close_to_the_best(monkeypatch
                         lambda w, *a: asked.append((w.dtype, a[3] if len(a) > 3 else None)) or real(w, *a))
     assert fit_layer(w64.float(), 10, stats, 1e-2)[1] == min(exact, key=exact.get)
     assert asked == [(torch.float32, None), (torch.float64, set(ordered[:2]))]
+
+
+def test_a_close_call_on_the_output_side_reuses_its_float64_solves(monkeypatch):
+    """A wide layer scored from its output side solves S = R (G + k s I)^-1 in float64 once
+    per shrink: the float64 rescoring of a close call reuses those solves (no Cholesky
+    factorisation again) and its scores are those of a float64 scoring from scratch."""
+    from svdcompress.core import fit as fit_module
+    w64 = torch.randn(24, 96, generator=torch.Generator().manual_seed(2)).double()  # float32 values
+    stats = layer_stats(96, True, seed=2, rows=60, batches=4)
+    exact = scores(w64, 6, stats, 1e-2)
+    memo = {}
+    scores(w64.float(), 6, stats, 1e-2, None, memo)
+    assert scores(w64, 6, stats, 1e-2, None, memo) == exact
+    factorised = []
+    real = fit_module.damped_cholesky
+    monkeypatch.setattr(fit_module, "damped_cholesky", lambda *a: factorised.append(1) or real(*a))
+    monkeypatch.setattr(fit_module, "CLOSE_CALL", 1.0)  # every call is close
+    assert fit_layer(w64.float(), 6, stats, 1e-2)[1] == min(exact, key=exact.get)
+    assert len(factorised) == len(fit_module.SHRINK)
 
 
 @pytest.mark.parametrize("seed", [*range(8), 18, 22, 30, "plain"])

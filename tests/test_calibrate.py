@@ -356,6 +356,52 @@ def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference
             torch.testing.assert_close(u.double() @ v.double(), truncated[r - 1], **tol)
 
 
+def test_tall_whitened_svd_from_its_gram_matrix_matches_lapack(monkeypatch):
+    """For a float32 result, a tall W L is decomposed through the float64 eigendecomposition
+    of its Gram matrix (gram_svd): the singular values and every rank-D truncation of
+    LAPACK's float64 SVD to float32 tolerance, U orthonormal; with singular values far below the largest (a rank-deficient W) U comes
+    from a QR decomposition and stays orthonormal; a wide matrix is left to the SVD. The
+    data-aware fits' plain candidate (svd(gram=True)) takes the same route, tall or wide."""
+    from svdcompress.core.factorize import GRAM_FLOOR, gram_svd
+    g = torch.Generator().manual_seed(11)
+    m, n = 23, 9
+    dtype, tol = torch.float32, dict(rtol=1e-5, atol=1e-5)
+    spread = torch.logspace(0, -3, n, dtype=torch.float64)
+    deficient = torch.randn(m, 4, generator=g, dtype=torch.float64) @ torch.randn(4, n, generator=g, dtype=torch.float64)
+    for b in (torch.randn(m, n, generator=g, dtype=torch.float64) * spread, deficient):
+        u, s, vh = gram_svd(b, dtype)
+        assert u.dtype == s.dtype == vh.dtype == dtype
+        ref_u, ref_s, ref_vh = torch.linalg.svd(b, full_matrices=False)
+        torch.testing.assert_close(s.double(), ref_s, rtol=tol["rtol"], atol=tol["atol"] * float(ref_s[0]))
+        torch.testing.assert_close(u.double().T @ u.double(), torch.eye(n, dtype=torch.float64), **tol)
+        for r in range(1, 5):
+            want = (ref_u[:, :r] * ref_s[:r]) @ ref_vh[:r]
+            got = (u[:, :r].double() * s[:r].double()) @ vh[:r].double()
+            torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * float(ref_s[0]))
+    assert float(torch.linalg.svdvals(deficient)[-1]) < GRAM_FLOOR * float(torch.linalg.svdvals(deficient)[0])
+    assert gram_svd(torch.randn(5, 8, dtype=torch.float64), dtype) is None
+    import svdcompress.core.factorize as factorize
+
+    def no_lapack(*args, **kwargs):
+        raise AssertionError("this SVD went to LAPACK's SVD")
+    monkeypatch.setattr(factorize, "thin_svd", no_lapack)
+    # the data-aware fits' plain candidate: a tall or a wide float32 weight
+    for shape in ((m, n), (n, m)):
+        w = torch.randn(*shape, generator=g)
+        dec, ref = svd(w, gram=True), torch.linalg.svd(w.double(), full_matrices=False)
+        torch.testing.assert_close(dec.S.double(), ref[1], **tol)
+        for r in (1, 5):
+            want = (ref[0][:, :r] * ref[1][:r]) @ ref[2][:r]
+            torch.testing.assert_close((dec.U[:, :r] * dec.S[:r]).double() @ dec.Vh[:r].double(), want, **tol)
+    # the whitened SVD of a tall float32 layer takes this route: the Cholesky reference's values
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(300, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+    gram = x.T @ x / 300
+    chol = torch.linalg.cholesky(gram + 1e-2 * float(gram.diagonal().mean()) * torch.eye(n, dtype=torch.float64))
+    dec = whitened_svd(w.to(dtype), gram, 1e-2)
+    torch.testing.assert_close(dec.S.double(), torch.linalg.svdvals(w @ chol), **tol)
+
+
 def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monkeypatch):
     """A wide layer alone on its input keeps W (E[x y^T] - E[y y^T]) instead of E[x y^T]: the fits chosen
     and the factors are those of the n x n cross moments, to float tolerance."""

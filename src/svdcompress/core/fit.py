@@ -12,7 +12,8 @@ refitted on all rows. The candidates:
 * ``whiten``: W truncated in the metric of the layer's inputs, at the configured damping
   and (parallel calibration) at a strong damping (1, halfway to plain);
 * ``compensated``: (sequential calibration) the compensated target, its correction shrunk
-  toward W by a ridge of each strength in SHRINK.
+  toward W by a ridge of each strength in SHRINK; not scored where the layer's inputs did
+  not change (the first block's), where it is the whitened fit over again.
 
 With sequential calibration and ample rows (ROWS_PER_INPUT or more per input feature) the
 strongly damped whitening is not a candidate: it never won on SmolLM2-135M (16 and 64
@@ -59,7 +60,7 @@ def candidates(weight: torch.Tensor, compensate: bool, damping: float, weighted:
                strong: bool | None = None) -> dict[str, Callable[..., SVD]]:
     """label -> fit(gram, cross, top=None) of every candidate (see the module's docstring);
     ``top``: only the leading triplets are needed (a cheaper, randomized SVD)."""
-    plain = functools.cache(lambda top=None: svd(weight, top))  # the same whatever the data
+    plain = functools.cache(lambda top=None: svd(weight, top, gram=True))  # the same whatever the data
     out: dict[str, Callable] = {"plain": lambda g, c, top=None: plain(top),
                                 "whiten": lambda g, c, top=None: whitened_svd(weight, g, damping, top)}
     if damping < STRONG_DAMPING and (not compensate if strong is None else strong):
@@ -99,7 +100,9 @@ class _Basis:
         self.lam = lam.clamp_min(0)
         self.held = self.q.T @ held_gram @ self.q  # Q^T G_held Q
         self.held_cross = held_cross @ self.q  # A_held Q: W A_held Q is each layer's
-        self.shift = None if stats.fit[1] is None else (cross - gram) @ self.q  # (A - G) Q
+        # (A - G) Q; none where the inputs did not change (A = G exactly, e.g. the first
+        # block's): the compensated candidates would be the whitened one over again
+        self.shift = None if not _changed(stats) else (cross - gram) @ self.q
         self._cast = {}
 
     def root(self, damping: float) -> torch.Tensor:
@@ -111,6 +114,16 @@ class _Basis:
         if (name, dtype) not in self._cast:
             self._cast[name, dtype] = getattr(self, name).to(dtype)
         return self._cast[name, dtype]
+
+
+def _changed(stats: Stats) -> bool:
+    """Whether the fit rows' inputs changed (cross moments that are not the second moments
+    themselves, or a weighted difference that is not all zero): where they did not, every
+    compensated candidate is the whitened fit over again and is not scored."""
+    cross = stats.fit[1]
+    if cross is None:
+        return False
+    return bool(cross.any()) if stats.weighted else not torch.equal(cross, stats.fit[0])
 
 
 def _basis(stats: Stats) -> _Basis:
@@ -176,7 +189,7 @@ def _candidate_gram(g: dict[str, torch.Tensor], r1: torch.Tensor, r2: torch.Tens
 
 
 def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
-           only: set[str] | None = None) -> dict[str, float] | None:
+           only: set[str] | None = None, memo: dict | None = None) -> dict[str, float] | None:
     """held_out_error of every candidate's rank-D fit on the fit rows (the labels of
     ``candidates``), exact, from one shared eigendecomposition per input (``_Basis``) and
     one eigendecomposition of a Gram matrix of min(m, n) per candidate; None when the
@@ -188,11 +201,12 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
     the weight's compute dtype (float32 for a float32 or half model, as its final SVD
     does: twice as fast, and its round-off, ~1e-6 of the layer's output energy, is far
     below the differences between candidates that decide anything). ``only``: score just
-    these labels (a close call redone in float64)."""
+    these labels (a close call redone in float64); ``memo``: what a second call for the same
+    layer may reuse (``_output_side_scores``' float64 solves)."""
     if not damping > 0:
         return None
     if stats.weighted or ("basis" not in stats.cache and weight.shape[0] < weight.shape[1]):
-        return _output_side_scores(weight, rank, stats, damping, only)
+        return _output_side_scores(weight, rank, stats, damping, only, memo)
     basis = _basis(stats)
     if not basis.scale > 0:
         return None
@@ -222,8 +236,11 @@ def scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
     return out
 
 
+MEMO_BYTES = 64 << 20  # float64 solves up to this size are kept for a close call's rescoring
+
+
 def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: float,
-                        only: set[str] | None = None) -> dict[str, float] | None:
+                        only: set[str] | None = None, memo: dict | None = None) -> dict[str, float] | None:
     """``scores`` of a wide layer (m outputs < n inputs) without any n x n eigendecomposition:
     a candidate (target T, metric M) truncates to W_D = U U^T T, U the top-D eigenvectors of
     T M T^T (m x m); its error is tr U^T (T G_h T^T - 2 W A_h T^T) U. With
@@ -261,18 +278,32 @@ def _output_side_scores(weight: torch.Tensor, rank: int, stats: Stats, damping: 
     out = {label: error(base["ww"] if d is None else metric(d), base["wgh"], base["wa"])
            for label, d in whitened.items() if wanted(label)}
     shrinks = [lam for lam in SHRINK if wanted(f"compensated shrink={lam:g}")]
-    if stats.fit[1] is not None and shrinks:
+    if shrinks and _changed(stats):
         # W (A - G), the compensation's numerator (A - G: a small difference, taken in float64)
-        # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB)
-        r = stats.fit[1].to(dt) if stats.weighted else times(w, stats.fit[1], dt, minus=gram64)
-        r64 = r.to(f64).T
+        # (in column blocks: no n x n difference is made, an 11,008-wide input's is 0.9 GiB),
+        # and S = R (G + lam s I)^-1 by one Cholesky solve per shrink, all in float64: the
+        # same for a float32 and a float64 scoring of this layer, so a close call's
+        # rescoring reuses them from ``memo`` when they are small (MEMO_BYTES)
+        memo = {} if memo is None else memo
+        r64 = memo.get("r")
+        if r64 is None:
+            r64 = stats.fit[1].to(f64) if stats.weighted else times(w, stats.fit[1], f64, minus=gram64)
+        keep = (len(SHRINK) + 1) * r64.numel() * r64.element_size() <= MEMO_BYTES
+        if keep:
+            memo["r"] = r64
+        r = r64.to(dt)
         rw = r @ w.T
         for lam in shrinks:
-            chol, ok = damped_cholesky(gram64, lam * scale)
-            if not ok:
-                raise torch.linalg.LinAlgError("the damped second moments are not positive definite")
-            shift = torch.cholesky_solve(r64, chol).T.to(dt)  # S = R (G + lam s I)^-1
-            del chol
+            shift64 = memo.get(lam)
+            if shift64 is None:
+                chol, ok = damped_cholesky(gram64, lam * scale)
+                if not ok:
+                    raise torch.linalg.LinAlgError("the damped second moments are not positive definite")
+                shift64 = torch.cholesky_solve(r64.T, chol).T  # S = R (G + lam s I)^-1
+                del chol
+                if keep:
+                    memo[lam] = shift64
+            shift = shift64.to(dt)
             sw, ss, rs = shift @ w.T, shift @ shift.T, r @ shift.T
             sg_w, sg_s = rw - lam * scale * sw, rs - lam * scale * ss  # S G W^T, S G S^T
             k_mat = metric(damping) + sg_w + sg_w.T + sg_s + damping * scale * (sw + sw.T + ss)
@@ -297,7 +328,8 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
         stats.scored()
         return default_fit(weight, stats, damping)
     fits = candidates(weight, stats.paired, damping, stats.weighted, strongly_damped(stats, weight))
-    found = scores(weight, min(rank, *weight.shape), stats, damping)
+    memo: dict = {}
+    found = scores(weight, min(rank, *weight.shape), stats, damping, None, memo)
     if found is not None and compute_dtype(weight.dtype) != torch.float64:
         least, window = min(found.values()), CLOSE_CALL * max(abs(v) for v in found.values())
         close = {k for k, v in found.items() if v - least <= window}
@@ -305,7 +337,7 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
             # too close to call in float32 (its scores are within ~1e-5 of the largest):
             # float64 decides among those close to the best (no other can be the exact
             # best), so the choice is the one exact scores make
-            found.update(scores(weight.double(), min(rank, *weight.shape), stats, damping, close))
+            found.update(scores(weight.double(), min(rank, *weight.shape), stats, damping, close, memo))
     if found is None:  # the reference: each candidate factorised apart, scored on its top rank
         found = {}
         fit_gram, fit_cross = stats.fit
