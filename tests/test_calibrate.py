@@ -450,3 +450,13 @@ def test_column_block_products_equal_the_whole_products(monkeypatch):
     y64, x64 = y.double(), x.double()
     torch.testing.assert_close(stats.gram, y64.T @ y64 / 40, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stats.cross, x64.T @ y64 / 40, rtol=1e-6, atol=1e-6)
+    # second moments summed by the blocks on and above the diagonal (blocks of 256 and of
+    # COLUMNS, a last block shorter): the whole product, exactly symmetric
+    monkeypatch.setattr(calibrate, "GRAM_FROM", 8)
+    for columns, width in ((4, 10), (2048, 600)):
+        monkeypatch.setattr(calibrate, "COLUMNS", columns)
+        y = torch.randn(50, width, generator=g)
+        total = torch.zeros(width, width, dtype=torch.float64)
+        calibrate._add_product(total, y, y)
+        torch.testing.assert_close(total, y.double().T @ y.double(), rtol=1e-5, atol=1e-4)
+        assert torch.equal(total, total.T)

