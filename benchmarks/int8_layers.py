@@ -37,8 +37,10 @@ def kernels(q: sc.Int8LowRankLinear, x: torch.Tensor) -> dict:
     the kernel's time alone, without that quantization)."""
     out = {}
     try:
+        # (the kernel takes row-major weights: u_int8 is stored column by column)
+        v8, u8 = q.v_int8.contiguous(), q.u_int8.contiguous()
         out["int8pack_s"] = _seconds(lambda: torch._weight_int8pack_mm(
-            torch._weight_int8pack_mm(x, q.v_int8, q.v_scale), q.u_int8, q.u_scale))
+            torch._weight_int8pack_mm(x, v8, q.v_scale), u8, q.u_scale))
     except (RuntimeError, AttributeError) as err:
         out["int8pack_error"] = str(err).splitlines()[0]
     try:

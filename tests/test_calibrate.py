@@ -380,6 +380,7 @@ def test_tall_whitened_svd_from_its_gram_matrix_matches_lapack(monkeypatch):
             torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * float(ref_s[0]))
     assert float(torch.linalg.svdvals(deficient)[-1]) < GRAM_FLOOR * float(torch.linalg.svdvals(deficient)[0])
     assert gram_svd(torch.randn(5, 8, dtype=torch.float64), dtype) is None
+    assert gram_svd(torch.empty(8, 5, dtype=torch.float64, device="meta"), dtype) is None  # not on a CPU
     import svdcompress.core.factorize as factorize
 
     def no_lapack(*args, **kwargs):

@@ -62,9 +62,10 @@ def gram_svd(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     accurate for every singular value the float32 SVD resolves: S^2 carries ~1e-16 of S_1^2,
     so S_i is off by ~1e-16 (S_1 / S_i)^2 relative, under float32's ~1e-7 S_1 / S_i for any
     S_i above 1e-9 S_1. U = B V / S keeps its columns orthonormal to ~1e-16 S_1^2 / (S_i S_j):
-    when some S_i is under GRAM_FLOOR x S_1, U is the Q of B V's QR decomposition instead."""
+    when some S_i is under GRAM_FLOOR x S_1, U is the Q of B V's QR decomposition instead.
+    CPU only (None on a GPU, whose float64 throughput may be a 64th of its float32's)."""
     m, n = b.shape
-    if m < n or n == 0:
+    if m < n or n == 0 or b.device.type != "cpu":
         return None
     evals, vecs = torch.linalg.eigh(b.T @ b)
     s, v = evals.flip(0).clamp_min(0).sqrt(), vecs.flip(1)
