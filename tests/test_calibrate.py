@@ -403,6 +403,26 @@ def test_tall_whitened_svd_from_its_gram_matrix_matches_lapack(monkeypatch):
     torch.testing.assert_close(dec.S.double(), torch.linalg.svdvals(w @ chol), **tol)
 
 
+def test_unchanged_wide_inputs_give_cross_moments_equal_to_the_second_moments_to_the_bit():
+    """Inputs 512 or more wide have their second moments summed by blocks (_add_gram) and
+    their cross moments by a whole product; where the inputs did not change (equal values,
+    other tensors: the first block's two streams) the cross moments are summed the same way,
+    so they equal the second moments to the last bit and the compensated candidates are
+    known to be the whitened one (fit._changed); inputs that changed by a hair are not."""
+    from svdcompress.core.calibrate import Moments
+    from svdcompress.core.fit import _changed
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(4096, 600, generator=g)
+    for x, changed in ((y.clone(), False), (y + 1e-6 * torch.randn(4096, 600, generator=g), True)):
+        m = Moments()
+        for rows in (slice(0, 2048), slice(2048, None)):
+            m.add(y[rows], x[rows])
+        stats = m.stats()
+        assert _changed(stats) == changed
+        if not changed:
+            assert torch.equal(stats.fit[1], stats.fit[0]) and torch.equal(stats.held[1], stats.held[0])
+
+
 def test_weighted_cross_moments_give_the_factors_and_fits_of_the_full_ones(monkeypatch):
     """A wide layer alone on its input keeps W (E[x y^T] - E[y y^T]) instead of E[x y^T]: the fits chosen
     and the factors are those of the n x n cross moments, to float tolerance."""

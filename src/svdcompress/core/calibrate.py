@@ -136,13 +136,17 @@ class Moments:
             if x is not None:
                 self.xy = [torch.zeros(x.shape[1], n, dtype=torch.float64, device=y.device) for _ in range(2)]
         cut = held_out_start(y.shape[0])
+        # unchanged inputs (x = y, the first block's under sequential calibration) get cross
+        # moments summed exactly as the second moments are, so they are equal to the last bit
+        # (fit.py then knows the compensated fits are the whitened one over again)
+        same = x is not None and torch.equal(x, y)
         for part, rows in enumerate((slice(0, cut), slice(cut, None))):
             ys = y[rows]
             if ys.shape[0] == 0:
                 continue
             _add_product(self.yy[part], ys, ys)
             if x is not None:
-                _add_product(self.xy[part], x[rows], ys)
+                _add_product(self.xy[part], ys if same else x[rows], ys)
             self.count[part] += ys.shape[0]
 
     def stats(self, name: str = "") -> Stats:
@@ -181,8 +185,8 @@ GRAM_FROM = 512  # second moments this wide are summed by the blocks on and abov
 
 
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a^T b (float64 total, products in a's dtype, added in float64 without a
-    float64 copy), in column blocks when wide: the product is n x COLUMNS, not n x n (an
+    """total += a^T b (float64 total, products in a's dtype, added to it by type
+    promotion), in column blocks when wide: the product is n x COLUMNS, not n x n (an
     11,008-wide input's whole product would be 0.5 GiB). A second moment (``a is b``) this
     wide is summed by ``_add_gram``."""
     if a is b and b.shape[1] >= GRAM_FROM:

@@ -69,13 +69,14 @@ def gram_svd(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
         return None
     evals, vecs = torch.linalg.eigh(b.T @ b)
     s, v = evals.flip(0).clamp_min(0).sqrt(), vecs.flip(1)
-    bv = b @ v
-    if s[-1] > GRAM_FLOOR * s[0]:
-        u = bv.div_(s)
+    if s[-1] > GRAM_FLOOR * s[0]:  # U a column block at a time: no m x n float64 copy besides B
+        u = torch.empty(m, n, dtype=dtype)
+        for j in range(0, n, COLUMNS):
+            u[:, j:j + COLUMNS] = (b @ v[:, j:j + COLUMNS]).div_(s[j:j + COLUMNS])
     else:
-        u, r = torch.linalg.qr(bv)
-        u = u * torch.where(r.diagonal() < 0, -1.0, 1.0).to(u.dtype)
-    return u.to(dtype), s.to(dtype), v.T.to(dtype)
+        u, r = torch.linalg.qr(b @ v)
+        u = (u * torch.where(r.diagonal() < 0, -1.0, 1.0).to(u.dtype)).to(dtype)
+    return u, s.to(dtype), v.T.to(dtype)
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def svd(weight: torch.Tensor, top: int | None = None, gram: bool = False) -> SVD
     if weight.dim() != 2:
         raise ValueError(f"svd expects a 2-D matrix, got shape {tuple(weight.shape)}")
     dtype = compute_dtype(weight.dtype)
-    if gram and top is None and dtype != torch.float64:
+    if gram and top is None and dtype != torch.float64 and weight.device.type == "cpu":
         w64 = weight.detach().to(torch.float64)
         tall = w64.shape[0] >= w64.shape[1]
         found = gram_svd(w64 if tall else w64.T, dtype)  # W^T = V S U^T
@@ -153,12 +154,17 @@ def times(x: torch.Tensor, big: torch.Tensor, dtype: torch.dtype | None = None,
     return torch.cat(cols, 1)
 
 
-def _thin(b: torch.Tensor, dtype: torch.dtype, top: int | None):
-    """(U, S, Vh) of a float64 B in ``dtype``: all of them by ``gram_svd`` where it serves
-    a float32 result, else by ``thin_svd`` in ``dtype`` (a float64 model keeps LAPACK's
-    float64 SVD: the Gram route resolves singular values down to ~1e-8 of the largest, not 1e-16)."""
+def _thin(make: Callable[[], torch.Tensor], dtype: torch.dtype, top: int | None):
+    """(U, S, Vh) in ``dtype`` of the float64 B that ``make`` returns: all of them by
+    ``gram_svd`` where it serves a float32 result, else by ``thin_svd`` in ``dtype`` (the
+    float64 B freed first; a float64 model keeps LAPACK's float64 SVD: the Gram route
+    resolves singular values down to ~1e-8 of the largest, not 1e-16)."""
+    b = make()
     found = gram_svd(b, dtype) if top is None and dtype != torch.float64 else None
-    return found if found is not None else thin_svd(b.to(dtype), top)
+    if found is not None:
+        return found
+    b = b.to(dtype)
+    return thin_svd(b, top)
 
 
 @torch.no_grad()
@@ -188,9 +194,7 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
         return _output_side(w, c, damping * scale, dtype)
     chol, ok = damped_cholesky(c, damping * scale)
     if ok:
-        b = w @ chol
-        U, S, Vh = _thin(b, dtype, top)
-        del b
+        U, S, Vh = _thin(lambda: w @ chol, dtype, top)
         # B L^{-1} = (L^{-T} B^T)^T: one triangular solve
         unwhiten = lambda b: torch.linalg.solve_triangular(  # noqa: E731
             chol.T, b.to(torch.float64).T, upper=True).T
@@ -200,8 +204,7 @@ def whitened_svd(weight: torch.Tensor, second_moment: torch.Tensor, damping: flo
     keep = evals > evals.max() * n * torch.finfo(torch.float64).eps
     root = evals[keep].sqrt()
     basis = evecs[:, keep]  # L = basis diag(root), L^+ = diag(1/root) basis^T
-    b = w @ (basis * root)
-    U, S, Vh = _thin(b, dtype, top)
+    U, S, Vh = _thin(lambda: w @ (basis * root), dtype, top)
     unwhiten = lambda b: (b.to(torch.float64) / root) @ basis.T  # noqa: E731
     return SVD(U, S, Vh, unwhiten)
 

@@ -338,6 +338,7 @@ def fit_layer(weight: torch.Tensor, rank: int, stats: Stats | None, damping: flo
             # float64 decides among those close to the best (no other can be the exact
             # best), so the choice is the one exact scores make
             found.update(scores(weight.double(), min(rank, *weight.shape), stats, damping, close, memo))
+    memo.clear()  # (the float64 solves are not needed by the refit)
     if found is None:  # the reference: each candidate factorised apart, scored on its top rank
         found = {}
         fit_gram, fit_cross = stats.fit
