@@ -359,10 +359,13 @@ def test_wide_layer_whitened_from_its_output_side_matches_the_cholesky_reference
 def test_tall_whitened_svd_from_its_gram_matrix_matches_lapack(monkeypatch):
     """For a float32 result, a tall W L is decomposed through the float64 eigendecomposition
     of its Gram matrix (gram_svd): the singular values and every rank-D truncation of
-    LAPACK's float64 SVD to float32 tolerance, U orthonormal; with singular values far below the largest (a rank-deficient W) U comes
+    LAPACK's float64 SVD to float32 tolerance, U orthonormal (made in column blocks, here
+    of 4 columns); with singular values far below the largest (a rank-deficient W) U comes
     from a QR decomposition and stays orthonormal; a wide matrix is left to the SVD. The
     data-aware fits' plain candidate (svd(gram=True)) takes the same route, tall or wide."""
+    import svdcompress.core.factorize as factorize
     from svdcompress.core.factorize import GRAM_FLOOR, gram_svd
+    monkeypatch.setattr(factorize, "COLUMNS", 4)  # U in blocks of 4 columns (the last one short)
     g = torch.Generator().manual_seed(11)
     m, n = 23, 9
     dtype, tol = torch.float32, dict(rtol=1e-5, atol=1e-5)
@@ -381,7 +384,6 @@ def test_tall_whitened_svd_from_its_gram_matrix_matches_lapack(monkeypatch):
     assert float(torch.linalg.svdvals(deficient)[-1]) < GRAM_FLOOR * float(torch.linalg.svdvals(deficient)[0])
     assert gram_svd(torch.randn(5, 8, dtype=torch.float64), dtype) is None
     assert gram_svd(torch.empty(8, 5, dtype=torch.float64, device="meta"), dtype) is None  # not on a CPU
-    import svdcompress.core.factorize as factorize
 
     def no_lapack(*args, **kwargs):
         raise AssertionError("this SVD went to LAPACK's SVD")
