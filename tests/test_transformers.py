@@ -154,6 +154,30 @@ def test_every_common_decoder_takes_the_blockwise_path_and_matches_the_per_layer
     torch.testing.assert_close(logits(block, data[0]), logits(per_layer, data[0]), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", *FAMILIES])
+def test_an_unwrapped_causal_lm_with_its_cache_on_compresses_block_wise_as_the_wrapped_one(name, monkeypatch):
+    # A Hugging Face causal LM as transformers gives it runs with use_cache on: every block
+    # gets the pass's key-value cache, which replayed on every block pass grew (a crash)
+    wrapped = (MODELS.get(name) or FAMILIES[name])()
+    raw = copy.deepcopy(wrapped.model)
+    assert raw.config.use_cache
+    data = batches(pad=True)
+    cfg = sc.SVDConfig(ratio=0.4, method="whiten")
+    sc.compress_(wrapped, cfg, data)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the per-layer path ran")
+    monkeypatch.setattr(compress_module, "record_inputs", forbidden)
+    monkeypatch.setattr(compress_module, "collect", forbidden)
+    sc.compress_(raw, cfg, data)
+    for layer_name, layer in raw.named_modules():
+        if isinstance(layer, sc.LowRankLinear):
+            ref = wrapped.model.get_submodule(layer_name)
+            assert torch.equal(layer.dense_weight(), ref.dense_weight()), layer_name
+    with torch.no_grad():
+        torch.testing.assert_close(raw(**data[0], use_cache=False).logits, wrapped(**data[0]))
+
+
 def test_blockwise_path_records_no_per_layer_inputs(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the per-layer path ran")

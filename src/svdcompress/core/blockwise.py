@@ -120,13 +120,35 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Cal
                 return None
             hidden = calls[0][0][0].detach()
             if chain == "same":
-                streams.append(Stream(hidden, tuple(calls[0][0][1:]), dict(calls[0][1])))
+                streams.append(Stream(hidden, _replayable(tuple(calls[0][0][1:])),
+                                      _replayable(dict(calls[0][1]))))
             else:
-                streams.append(Stream(hidden, per_block=[(tuple(a[1:]), dict(k)) for a, k in calls]))
+                streams.append(Stream(hidden, per_block=[(_replayable(tuple(a[1:])), _replayable(dict(k)))
+                                                         for a, k in calls]))
     finally:
         for h in handles:
             h.remove()
     return streams
+
+
+def _is_cache(obj) -> bool:
+    """A key-value cache (a transformers ``Cache``: a model run with ``use_cache`` on, the
+    default of Hugging Face causal LMs, hands one to every block): duck-typed, the core
+    imports no integration."""
+    return callable(getattr(obj, "update", None)) and callable(getattr(obj, "get_seq_length", None))
+
+
+def _replayable(obj):
+    """Recorded block arguments made safe to replay on every pass: a key-value cache is
+    dropped (None) and ``use_cache`` turned off. Replayed, the cache a pass recorded would
+    grow by each block call's keys and values and be attended to by the next."""
+    if _is_cache(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: False if k == "use_cache" and isinstance(v, bool) else _replayable(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_replayable(o) for o in obj)
+    return obj
 
 
 def _same(a, b) -> bool:
