@@ -333,6 +333,64 @@ def test_runs_of_format_version_1_without_hashes_still_load(tmp_path):
 
 # ---------------------------------------------------------------- found by a hostile probe
 
+def _int8_run(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(12, [10, 10], 3)
+    sc.compress_(model, sc.SVDConfig(rank=3))
+    sc.quantize_(model)
+    sc.save(model, tmp_path / "run")
+    return model, tmp_path / "run"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.update({"hidden.0.u_int8": t["hidden.0.u_int8"].to(torch.uint8)}), "is torch.uint8"),
+    (lambda t: t.update({"hidden.0.v_int8": t["hidden.0.v_int8"].to(torch.int32)}), "is torch.int32"),
+    (lambda t: t.update({"hidden.0.u_scale": torch.zeros_like(t["hidden.0.u_scale"])}), "scales must be"),
+    (lambda t: t.update({"hidden.0.v_scale": t["hidden.0.v_scale"].double()}), "scales must be"),
+])
+def test_a_rewritten_file_with_other_dtypes_or_bad_scales_is_refused(tmp_path, change, message):
+    # a file rewritten and rehashed (consistently wrong): int8 factors must be int8, their
+    # scales float32 and positive, and a layer's float tensors of one dtype
+    _, run = _int8_run(tmp_path)
+    tensors = load_file(run / "model.safetensors")
+    change(tensors)
+    save_file(tensors, run / "model.safetensors")
+    rehash(run)
+    with pytest.raises(sc.FormatError, match=message):
+        sc.load(run)
+
+
+def test_float_factors_of_one_layer_in_two_dtypes_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(12, [10], 3)
+    sc.compress_(model, sc.SVDConfig(rank=3))
+    sc.save(model, tmp_path / "run")
+    tensors = load_file(tmp_path / "run" / "model.safetensors")
+    tensors["hidden.0.u"] = tensors["hidden.0.u"].half()
+    save_file(tensors, tmp_path / "run" / "model.safetensors")
+    rehash(tmp_path / "run")
+    with pytest.raises(sc.FormatError, match="mixes tensor dtypes"):
+        sc.load(tmp_path / "run")
+
+
+def test_an_edited_format_version_does_not_skip_the_hashes(tmp_path):
+    model, run = _int8_run(tmp_path)
+    tensors = load_file(run / "model.safetensors")
+    tensors["out.weight"] = tensors["out.weight"] + 1  # changed bytes, hashes left as they were
+    save_file(tensors, run / "model.safetensors")
+    edit_meta(run, lambda m: m.update(format_version=1))
+    with pytest.raises(sc.FormatError, match="changed"):
+        sc.load(run)
+
+
+def test_loading_into_a_model_on_the_meta_device_is_refused(tmp_path):
+    model, run = _int8_run(tmp_path)
+    with torch.device("meta"):
+        empty = MLP(12, [10, 10], 3)
+    with pytest.raises(sc.ConfigError, match="meta device"):
+        sc.load(run, model=empty)
+
+
 def test_a_source_named_like_the_training_work_directory_is_refused(tmp_path, base, capsys):
     src = tmp_path / "ft.partial"
     assert cli(capsys, "compress", base, "--rank", 2, "--out", src)[0] == 0

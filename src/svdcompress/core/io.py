@@ -85,7 +85,8 @@ def load_state(model: nn.Module, tensors: dict, aliases: dict, where: str = WEIG
         if tuple(t.shape) != tuple(expected[key].shape):
             raise FormatError(f"tensor {key!r} has shape {tuple(t.shape)}, the model expects "
                               f"{tuple(expected[key].shape)}")
-        if t.is_floating_point() != expected[key].is_floating_point():
+        if t.is_floating_point() != expected[key].is_floating_point() or \
+                (not t.is_floating_point() and t.dtype != expected[key].dtype):  # int8 stays int8
             raise FormatError(f"tensor {key!r} is {t.dtype}, the model expects {expected[key].dtype}")
     check_finite(tensors, where)
     _take_dtypes(model, tensors)
@@ -176,7 +177,7 @@ def read_meta(directory: str | Path, verify: bool = True) -> dict:
         raise FormatError(f"{where}: 'architecture' must be an object")
     read_config(meta)
     RunInfo.from_dict(meta)
-    if version >= 2:
+    if version >= 2 or "files" in meta:  # (a version edited down does not skip the hashes)
         _check_files(directory, meta.get("files"), verify)
     elif verify:
         warnings.warn(f"{directory} has format_version 1: its files carry no hashes and are "
@@ -293,10 +294,29 @@ def _check_shapes(directory: Path, meta: dict) -> None:
                               f"architecture makes it {tuple(t.shape)}")
 
 
+def _check_layer_tensors(name: str, tensors: dict) -> None:
+    """A low-rank layer's own tensors in the file: its float tensors (factors, bias) in one
+    dtype (a float16 u beside a float32 v fails at the first forward pass), and int8 scales
+    (``*_scale``) float32, finite and positive."""
+    own = {k[len(name) + 1:]: t for k, t in tensors.items()
+           if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+    scales = {k for k in own if k.endswith("_scale")}
+    floats = {str(t.dtype).removeprefix("torch.") for k, t in own.items() if t.is_floating_point() and k not in scales}
+    if len(floats) > 1:
+        raise FormatError(f"layer {name!r} mixes tensor dtypes in the file ({', '.join(sorted(floats))})")
+    for k in sorted(scales):
+        t = own[k]
+        if t.dtype != torch.float32 or not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise FormatError(f"tensor {name + '.' + k!r}: int8 scales must be float32, finite and positive")
+
+
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Load a saved run: into ``model`` (rebuilt in place), or into its recorded architecture."""
     directory = Path(directory)
     meta = read_meta(directory)
+    if model is not None and any(t.is_meta for t in model.state_dict().values()):
+        raise ConfigError("the model to load into has tensors on the meta device: build it on a "
+                          "real device (the run's weights fill it), or load the run without model=")
     if model is None:
         _check_shapes(directory, meta)
         model = build(directory, meta)
@@ -308,6 +328,8 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise FormatError(f"layer {entry['name']!r} of the saved run is not in the model") from None
         new[entry["name"]] = kind_named(entry.get("kind")).rebuild(entry, current).train(current.training)
     tensors = read_tensors(directory)
+    for name in new:
+        _check_layer_tensors(name, tensors)
     for name, layer in new.items():
         replace_module(model, name, layer)
     load_state(model, tensors, meta.get("tied", {}))
