@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import Moments
+from .calibrate import Moments, mask_for, row_mask
 from .kinds import dense_kind, low_rank_kind
 from .lockstep import lockstep_block
 from .profile import Profile, phase
@@ -78,6 +78,7 @@ class Stream:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     per_block: list | None = None
+    mask: torch.Tensor | None = None  # the rows that are real tokens (calibrate.mask_for), or None
 
     def run(self, block: nn.Module, device, hidden=None, index: int = 0) -> torch.Tensor:
         args, kwargs = (self.args, self.kwargs) if self.per_block is None else self.per_block[index]
@@ -86,7 +87,7 @@ class Stream:
 
     def moved(self, hidden: torch.Tensor) -> "Stream":
         """The same arguments with other hidden states (the next block's inputs)."""
-        return Stream(hidden, self.args, self.kwargs, self.per_block)
+        return Stream(hidden, self.args, self.kwargs, self.per_block, self.mask)
 
 
 @torch.no_grad()
@@ -119,12 +120,13 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Cal
             if any(c is None or not c[0] for c in calls[:last + 1]):
                 return None
             hidden = calls[0][0][0].detach()
+            mask = mask_for(hidden, row_mask(batch))  # padded positions: no statistics
             if chain == "same":
                 streams.append(Stream(hidden, _replayable(tuple(calls[0][0][1:])),
-                                      _replayable(dict(calls[0][1]))))
+                                      _replayable(dict(calls[0][1])), mask=mask))
             else:
                 streams.append(Stream(hidden, per_block=[(_replayable(tuple(a[1:])), _replayable(dict(k)))
-                                                         for a, k in calls]))
+                                                         for a, k in calls], mask=mask))
     finally:
         for h in handles:
             h.remove()
@@ -345,7 +347,8 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                 with phase(profile, "statistics"):
                     for j, ys in enumerate(rows_by_batch):
                         for x, y in zip(kept[j][k], ys):  # call by call
-                            stats.add(y, x if w is None else (x.to(w.dtype) - y.to(w.dtype)) @ w.T)
+                            stats.add(y, x if w is None else (x.to(w.dtype) - y.to(w.dtype)) @ w.T,
+                                      mask=original[j].mask)
                         kept[j][k] = None
                     stats = stats.stats(here + group.names[0])
                 stats.weighted = w is not None
@@ -383,7 +386,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                 with phase(profile, "statistics"):
                     for m, calls in zip(stats, rows_of):
                         for rows in calls:
-                            m.add(rows)
+                            m.add(rows, mask=s.mask)
             for group, m in zip(groups, stats):
                 with phase(profile, "statistics"):
                     group_stats = m.stats(here + group.names[0])

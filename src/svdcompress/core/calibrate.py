@@ -30,6 +30,31 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return kind.inputs(module, x)
 
 
+def row_mask(batch) -> torch.Tensor | None:
+    """Which positions of a batch are real tokens: a dict batch's ``attention_mask`` (B x T)
+    as a boolean (B, T) mask, where it masks some position; None when it masks none or there
+    is none. Padded positions are computed by the model but never used: their rows are left
+    out of the statistics."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_floating_point():
+        return None
+    keep = mask != 0
+    return None if bool(keep.all()) else keep
+
+
+def mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask`` flattened to the rows of a layer input ``x``: one per position, batch-major
+    (an input laid out (B, T, ...) as the mask is, or already flattened to B * T rows, as
+    OPT's MLP input is); None for an input laid out otherwise (then every row is kept)."""
+    if mask is None or (x.dim() >= 3 and tuple(x.shape[:2]) != tuple(mask.shape)):
+        return None
+    return mask.reshape(-1)
+
+
+def _kept(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask.to(rows.device)]
+
+
 HELD_OUT = 4  # the last 1/HELD_OUT of each batch's rows are held out
 
 
@@ -125,11 +150,12 @@ class Moments:
     def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
-    def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    def add(self, y: torch.Tensor, x: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
+        """Add rows y (and their pairs x); ``mask``: which rows to keep (``mask_for``)."""
         if self.done:
             raise RuntimeError("these moments were already turned into Stats")
-        y = self._rows(y)
-        x = None if x is None else self._rows(x).to(y.device)
+        y = self._rows(_kept(y, mask))
+        x = None if x is None else self._rows(_kept(x, mask)).to(y.device)
         if self.yy is None:
             n = y.shape[1]
             self.yy = [torch.zeros(n, n, dtype=torch.float64, device=y.device) for _ in range(2)]
@@ -221,11 +247,12 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     """
     stats = {name: Moments() for name in modules}
     handles = []
+    pads = [None]  # the current batch's row_mask
 
     def hook(name):
         def fn(module, args):
             rows = layer_inputs(module, args[0])
-            stats[name].add(rows)
+            stats[name].add(rows, mask=mask_for(args[0], pads[0]))
         return fn
 
     for name, module in modules.items():
@@ -234,6 +261,7 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     model.eval()
     try:
         for batch in tqdm(batches, desc="calibrating", disable=not progress, leave=False):
+            pads[0] = row_mask(batch)
             forward(model, batch) if forward is not None else model(batch)
     finally:
         for h in handles:
@@ -255,10 +283,11 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
     a Phi-3 block defines o_proj before the qkv_proj that runs first)."""
     rows: dict[str, list[list[torch.Tensor]]] = {name: [] for name in modules}
     order: dict[str, None] = {}
+    pads = [None]  # the current batch's row_mask: padded positions' rows are not recorded
 
     def hook(mod, args, name):
         order.setdefault(name)
-        rows[name][-1].append(layer_inputs(mod, args[0]).detach().float())
+        rows[name][-1].append(_kept(layer_inputs(mod, args[0]).detach().float(), mask_for(args[0], pads[0])))
 
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
                for name, m in modules.items()]
@@ -268,6 +297,7 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
         for batch in batches:
             for calls in rows.values():
                 calls.append([])
+            pads[0] = row_mask(batch)
             forward(model, batch)
     finally:
         for h in handles:
@@ -286,9 +316,10 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
     layer has been called as often as in the original pass, so rows pair call by call."""
     seen: list[torch.Tensor] = []
     want = 0
+    pads = [None]  # the current batch's row_mask (as record_inputs applied it)
 
     def grab(module, args):
-        seen.append(layer_inputs(module, args[0]).detach())
+        seen.append(_kept(layer_inputs(module, args[0]).detach(), mask_for(args[0], pads[0])))
         if len(seen) == want:
             raise _Stop
 
@@ -302,6 +333,7 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
                 continue
             seen.clear()
             want = calls
+            pads[0] = row_mask(batch)
             try:
                 forward(compressed, batch)
             except _Stop:
