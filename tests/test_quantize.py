@@ -94,8 +94,18 @@ def test_dequantize_gives_the_float_factors_the_int8_ones_stand_for():
 
 
 def test_quantize_refuses_what_it_cannot_do():
-    with pytest.raises(sc.ConfigError, match="nothing to quantize"):
+    with pytest.raises(sc.ConfigError, match="nothing to quantize: the model has no low-rank layer"):
         sc.quantize_(nn.Sequential(nn.Linear(4, 4)))
+    q = compressed_mlp()
+    sc.quantize_(q)
+    with pytest.raises(sc.ConfigError, match="int8 already"):
+        sc.quantize_(q)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 2))
+    sc.compress_(conv, sc.SVDConfig(rank=2, target_modules=["0"]))
+    with pytest.raises(sc.ConfigError, match="LowRankLinear layers only, the model's low-rank layers are 1 x"):
+        sc.quantize_(conv)
+    with pytest.raises(sc.ConfigError, match="low-rank already"):
+        sc.compress_(q, sc.SVDConfig(rank=2))
     with pytest.raises(sc.ConfigError, match="quantize must be one of"):
         sc.quantize_(compressed_mlp(), "int4")
 

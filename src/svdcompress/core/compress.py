@@ -19,7 +19,7 @@ from .profile import Profile, phase
 from .factorize import SVD, split, svd, whitened_svd
 from .fit import ROWS_PER_INPUT, fit_layer
 from .errors import ConfigError
-from .kinds import LayerKind
+from .kinds import LayerKind, low_rank_kind
 from .rank import (allocate, allocate_ranks, choose_rank, factorized_params, round_rank,
                    saves_parameters, tail_losses, truncation_error)
 from .sensitivity import MAX_BATCHES, OutputDistance, fisher_sensitivities, sensitivity
@@ -39,16 +39,17 @@ def _dense_report(name: str, module: nn.Module, kind: str, shape, reason: KeepDe
     return LayerReport(name, kind, shape, None, n, n, 0.0, reason, detail)
 
 
-def _nothing(report: CompressionReport) -> str:
+def _nothing(report: CompressionReport, model: nn.Module) -> str:
     """Why no layer can be factorised, for the error message."""
+    done = sum(low_rank_kind(m) is not None for m in model.modules())
+    already = f"; {done} layer(s) are low-rank already (compressed before)" if done else ""
     if not report.layers:
-        return ("no module matches the target modules" +
-                " (check target_modules / exclude_modules)")
+        return "no module matches the target modules (check target_modules / exclude_modules)" + already
     reasons: dict[str, int] = {}
     for r in report.layers:
         reasons[r.note] = reasons.get(r.note, 0) + 1
     return "every matching module stays dense (" + ", ".join(
-        f"{n} x {why}" for why, n in reasons.items()) + ")"
+        f"{n} x {why}" for why, n in reasons.items()) + ")" + already
 
 
 def _why_no_kind(module: nn.Module) -> tuple[KeepDense, str]:
@@ -301,7 +302,7 @@ def _compress(model: nn.Module, config: SVDConfig, calibration: list | None, *,
                               "it cannot be factorised")
         eligible.append((name, module, kind, matrix))
     if not eligible:
-        raise ConfigError("nothing to compress: " + _nothing(report))
+        raise ConfigError("nothing to compress: " + _nothing(report, model))
     with phase(profile, "block inputs captured"):
         blocks = _find_chained_blocks(model, eligible, calibration) if whiten and config.blockwise else None
     in_blocks = {n for n, _, _, _ in eligible if blocks and n.startswith(blocks[0] + ".")}

@@ -146,7 +146,16 @@ def quantize_(model: nn.Module, scheme: str = "int8") -> int:
             replace_module(model, name, Int8LowRankLinear.from_low_rank(module).train(module.training))
             done += 1
     if not done:
-        raise ConfigError("nothing to quantize: the model has no low-rank Linear layer (compress it first)")
+        kinds: dict[str, int] = {}
+        for module in model.modules():
+            if low_rank_kind(module) is not None:
+                kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+        if not kinds:
+            raise ConfigError("nothing to quantize: the model has no low-rank layer (compress it first)")
+        if set(kinds) == {Int8LowRankLinear.__name__}:
+            raise ConfigError("nothing to quantize: the model's factors are int8 already")
+        raise ConfigError("nothing to quantize: int8 factors are made from LowRankLinear layers only, the "
+                          "model's low-rank layers are " + ", ".join(f"{n} x {k}" for k, n in kinds.items()))
     return done
 
 
