@@ -103,6 +103,16 @@ def test_config_validation():
         sc.SVDConfig.from_dict({"rank": 2, "bogus": 1})
 
 
+def test_config_takes_numpy_scalars_as_numbers():
+    np = pytest.importorskip("numpy")
+    cfg = sc.SVDConfig(ratio=np.float32(0.5), damping=np.float64(0.1), round_to=np.int64(8))
+    assert (cfg.ratio, cfg.damping, cfg.round_to) == (0.5, 0.1, 8)
+    assert {type(cfg.ratio), type(cfg.damping), type(cfg.round_to)} == {float, int}
+    assert sc.SVDConfig(rank=np.int64(4)).rank == 4
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        sc.SVDConfig(rank=np.bool_(True))
+
+
 def test_densify_undoes(toy, toy_input):
     sc.compress_(toy, sc.SVDConfig(rank=2))
     out = toy(toy_input)

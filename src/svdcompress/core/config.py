@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -96,6 +97,12 @@ class SVDConfig:
     select_fit: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("rank", "energy", "ratio", "damping", "round_to", "min_speedup"):
+            value = getattr(self, name)  # numpy's scalars (np.int64(4), np.float32(0.5)) as Python's
+            if isinstance(value, numbers.Integral) and type(value) not in (bool, int):
+                object.__setattr__(self, name, int(value))
+            elif isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+                object.__setattr__(self, name, float(value))
         given = [k for k in ("rank", "energy", "ratio") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ConfigError("SVDConfig needs exactly one of rank, energy or ratio, "
