@@ -84,6 +84,12 @@ def test_sampling_is_seeded_and_does_not_touch_the_callers_random_state(runs):
     (["--prompt", PROMPT, "--max-new-tokens", "100"], "longer than the model's 64 positions"),
     (["--prompt", PROMPT, "--sample", "--temperature", "0"], "temperature must be"),
     (["--prompt", PROMPT, "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--prompt", PROMPT, "--max-new-tokens", "90"], "plus --max-new-tokens (90), in all 9"),
+    (["--prompt", PROMPT, "--sample", "--seed", "9" * 25], "a seed must be from 0 to 2^63 - 1"),
+    (["--prompt", PROMPT, "--seed", "-1"], "a seed must be"),
+    (["--prompt", "ab \udcff"], "not valid UTF-8"),
+    (["--prompt", PROMPT, "--temperature", "0.5"], "add --sample"),
+    (["--prompt", PROMPT, "--top-k", "5"], "add --sample"),  # (argv's undecodable bytes, surrogate-escaped)
 ])
 def test_bad_generation_requests_are_one_line_and_status_2(runs, capsys, args, message):
     with pytest.raises(SystemExit) as e:

@@ -383,6 +383,33 @@ def test_an_edited_format_version_does_not_skip_the_hashes(tmp_path):
         sc.load(run)
 
 
+def test_a_training_that_fails_before_its_first_checkpoint_leaves_no_partial_directory(tmp_path):
+    from svdcompress.core.checkpoint import CHECKPOINT, locked
+    work = tmp_path / "out.partial"
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(error):
+            with locked(work):
+                raise error()
+        assert not work.exists()
+    with pytest.raises(RuntimeError):  # with a checkpoint it stays, to resume from
+        with locked(work):
+            (work / CHECKPOINT).write_bytes(b"x")
+            raise RuntimeError()
+    assert (work / CHECKPOINT).is_file()
+
+
+def test_a_full_disk_while_saving_is_an_os_error_and_leaves_no_run(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+    from svdcompress.core import io
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        sc.save(MLP(4, [3], 2), tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_loading_into_a_model_on_the_meta_device_is_refused(tmp_path):
     model, run = _int8_run(tmp_path)
     with torch.device("meta"):

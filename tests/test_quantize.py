@@ -126,6 +126,13 @@ def test_quantize_command_makes_an_int8_run_of_a_causal_lm_that_generates(runs, 
                     message="missing")
     one_line_exit_2(capsys, "quantize", str(src), "--out", str(tmp_path / "y"), message="")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # never over (or inside) its own source, even with --overwrite (a probe's finding: the
+    # float run was replaced by its int8 copy)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    one_line_exit_2(capsys, "quantize", str(run), "--out", str(run), "--overwrite", message="source")
+    one_line_exit_2(capsys, "quantize", str(run), "--out", str(run / "sub"), message="source")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert sc.read_info(out).source == str(run.resolve())  # absolute: valid from anywhere
 
 
 from tests.test_generate import runs  # noqa: E402,F401  (fixture: a rank-4 Llama and its run)

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import svdcompress as sc  # noqa: E402
+from svdcompress.core.io import dense_origin  # noqa: E402
 from svdcompress.integrations import recover_lm as recover_module  # noqa: E402
 from svdcompress.integrations.causal_lm import load_causal_lm, token_ids  # noqa: E402
 from svdcompress.integrations.recover_lm import held_out_scores, split_sequences, trainable  # noqa: E402
@@ -62,6 +63,26 @@ def test_recovery_lowers_the_held_out_kl_to_the_teacher_and_trains_only_the_fact
     for key in original:  # factors moved, everything else (embeddings, norms) is the run's
         changed = not torch.equal(trained[key], original[key])
         assert changed == key.endswith((".u", ".v")), key
+
+
+def test_a_recovered_run_recovers_again_from_the_dense_model_it_descends_from(compressed, tmp_path, capsys):
+    # its source is the compressed run, not a dense model: the teacher is found through the
+    # chain of runs (a probe's finding: a second round of recovery was refused)
+    root, src, text, run = compressed
+    first = ["--text", text, "--max-sequences", 8, "--epochs", 1, *ARGS]
+    assert cli(capsys, "finetune", run, "--out", tmp_path / "rec", *first)[0] == 0
+    assert cli(capsys, "quantize", tmp_path / "rec", "--out", tmp_path / "q")[0] == 0
+    assert dense_origin(tmp_path / "q") == dense_origin(tmp_path / "rec") == str(src.resolve())
+    code, out, err = cli(capsys, "finetune", tmp_path / "rec", "--distill", "--out", tmp_path / "rec2", *first)
+    assert code == 0, err
+    assert sc.read_info(tmp_path / "rec2").distill["teacher"] == str(src.resolve())
+
+
+def test_a_recovery_that_fails_before_training_leaves_no_partial_directory(compressed, tmp_path, capsys):
+    root, src, text, run = compressed
+    one_line_exit_2(capsys, "finetune", run, "--teacher", tmp_path / "missing", "--text", text,
+                    "--out", tmp_path / "rec", *ARGS, message="does not exist")
+    assert not (tmp_path / "rec.partial").exists() and not (tmp_path / "rec").exists()
 
 
 def test_recovery_without_distill_trains_on_the_next_tokens(compressed, tmp_path, capsys):

@@ -34,7 +34,7 @@ from .study.runs import compress_run, continue_training, eval_run, sweep_run, tr
 from .study.train import TrainConfig
 from .cli_hf import add_eval_commands, finetune_lm, print_lm_bench
 from .cli_types import (Parser, UsageError, or_default, device, fraction, positive_float, positive_int,  # noqa: F401
-                        rank_list, suffixes_or_regex)
+                        rank_list, seed, suffixes_or_regex)
 
 
 def cmd_info(args) -> None:
@@ -184,7 +184,7 @@ def add_train_args(s, epochs: str, lr: float, batch: str = "128", schedule: str 
                    help=f"learning rate: constant, or cosine (annealed to 0 over the epochs; "
                    f"default {schedule})")
     s.add_argument("--batch-size", type=positive_int, help=f"default {batch}")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu or cuda")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run (its "
                    "checkpoint in OUT.partial) or a finished one (OUT/checkpoint.safetensors)")
@@ -350,7 +350,7 @@ def build_parser() -> Parser:
                    help="ranks of the sweep (default 10,20,50,100,200,full)")
     s.add_argument("--width", type=positive_int, default=1024, help="hidden width (default 1024)")
     s.add_argument("--depth", type=positive_int, default=5, help="hidden layers (default 5)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--device", type=device, default="auto")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_reproduce)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
-from .cli_types import UsageError, or_default, positive_int
+from .cli_types import UsageError, or_default, positive_int, seed
 from .core.distill import Distill
+from .core.files import check_destination
 from .core.io import load, read_config, read_info, read_meta, save
 from .core.report import model_size
 from .core.swap import QUANTIZE, quantize_
@@ -61,6 +63,12 @@ def cmd_eval_lm(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--prompt is not valid UTF-8 text") from None
+    if not args.sample and (args.temperature != 1.0 or args.top_k is not None):
+        raise UsageError("--temperature and --top-k shape sampling: add --sample (decoding is greedy without it)")
     g = generate_run(args.run, args.prompt, max_new_tokens=args.max_new_tokens, sample=args.sample,
                      seed=args.seed, temperature=args.temperature, top_k=args.top_k)
     if args.json:
@@ -72,10 +80,11 @@ def cmd_generate(args) -> None:
 def cmd_quantize(args) -> None:
     """A run whose low-rank Linear layers hold int8 factors: an ordinary run, beside the
     float one (its metrics are not carried over: they were measured on float factors)."""
+    check_destination(args.out, overwrite=args.overwrite, sources=[args.run])  # never over its source
     model = load(args.run)
     before = model_size(model)["bytes"]
     layers = quantize_(model, args.scheme)
-    info = replace(read_info(args.run), source=str(args.run), metrics=None, history=None)
+    info = replace(read_info(args.run), source=str(Path(args.run).resolve()), metrics=None, history=None)
     save(model, args.out, config=read_config(read_meta(args.run)), info=info, overwrite=args.overwrite)
     print(f"{layers} low-rank Linear layer(s) now hold {args.scheme} factors; the model's parameters "
           f"{before:,} -> {model_size(model)['bytes']:,} bytes; saved {args.out}")
@@ -96,7 +105,7 @@ def add_eval_commands(sub) -> None:
     s.add_argument("--max-new-tokens", type=positive_int,
                    help="default 64, or what the model's positions leave room for")
     s.add_argument("--sample", action="store_true", help="draw tokens (default: greedy)")
-    s.add_argument("--seed", type=int, default=0, help="the sampling seed (default 0)")
+    s.add_argument("--seed", type=seed, default=0, help="the sampling seed (default 0)")
     s.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1)")
     s.add_argument("--top-k", type=positive_int, help="with --sample: only the k likeliest tokens")
     s.add_argument("--json", action="store_true", help="print the continuation, token count and "

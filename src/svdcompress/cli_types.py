@@ -29,6 +29,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2^63 - 1 (what torch.manual_seed takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^63 - 1, got {text}")
+    return value
+
+
 def _number(text: str, ok, expected: str) -> float:
     try:
         value = float(text)

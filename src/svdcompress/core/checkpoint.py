@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import dist
 from .errors import ConfigError, FormatError, SVDCompressError
 from .files import RunExists, atomic_write, check_destination
-from .io import load_state, read_meta, save, unique_tensors
+from .io import load_state, read_meta, save, unique_tensors, write_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -107,7 +106,7 @@ def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
             "tied": tied, "train_config": asdict(cfg), "context": context}
     info["digest"] = _sealed(info, tensors)
     atomic_write(Path(directory) / CHECKPOINT,
-                 lambda tmp: save_file(tensors, tmp, metadata={"svdcompress": json.dumps(info)}))
+                 lambda tmp: write_tensors(tensors, tmp, metadata={"svdcompress": json.dumps(info)}))
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -213,7 +212,10 @@ def work_dir(out: str | Path) -> Path:
 
 @contextmanager
 def locked(work: Path):
-    """One training at a time into OUT.partial (rank 0 holds the lock under torchrun)."""
+    """One training at a time into OUT.partial (rank 0 holds the lock under torchrun). A
+    training that ends in an error or an interrupt before its first checkpoint leaves no
+    OUT.partial behind (one with a checkpoint stays, to resume)."""
+    work.mkdir(parents=True, exist_ok=True)
     if not dist.is_main():
         yield
         return
@@ -222,7 +224,12 @@ def locked(work: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise RunExists(f"another svdcompress is training into {work}") from None
-        yield
+        try:
+            yield
+        except BaseException:
+            if not (work / CHECKPOINT).is_file():
+                shutil.rmtree(work, ignore_errors=True)
+            raise
 
 
 def save_trained(model: nn.Module, out: str | Path, overwrite: bool, **kwargs) -> None:
@@ -262,5 +269,4 @@ def resume_point(out: str | Path, *, resume: bool, overwrite: bool, source=None)
     elif (work / CHECKPOINT).is_file() and not overwrite:
         raise RunExists(f"{work} holds the checkpoint of an interrupted run: pass --resume to "
                         "continue it, or --overwrite to start again")
-    work.mkdir(parents=True, exist_ok=True)
-    return start, work
+    return start, work  # (made by ``locked``: a failure before training leaves no OUT.partial)

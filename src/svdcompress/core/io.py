@@ -104,6 +104,14 @@ def _take_dtypes(model: nn.Module, tensors: dict) -> None:
 
 # ---------------------------------------------------------------- save
 
+def write_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(f"cannot write {path}: {err}") from None
+
+
 def layer_entry(name: str, module: nn.Module) -> dict:
     """What the JSON records about one low-rank layer: enough to rebuild it empty."""
     kind = low_rank_kind(module)
@@ -139,7 +147,7 @@ def save(model: nn.Module, directory: str | Path, *, config: SVDConfig | None = 
     with staged_directory(directory, overwrite=overwrite) as stage:
         if spec is not None and architecture(spec["name"]).write_files is not None:
             architecture(spec["name"]).write_files(model, stage)
-        save_file(tensors, str(stage / WEIGHTS))
+        write_tensors(tensors, stage / WEIGHTS)
         for name, src in (files or {}).items():
             shutil.copyfile(src, stage / name)
         meta["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -216,6 +224,20 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 def read_info(directory: str | Path) -> RunInfo:
     """The run's typed metadata (data, source, metrics...)."""
     return RunInfo.from_dict(read_meta(directory, verify=False))
+
+
+def dense_origin(run: str | Path) -> str | None:
+    """The dense model a run descends from: its recorded teacher or source, followed through
+    the runs between (a recovered run's source is the compressed run it started from, a
+    quantized run's the run it was quantized from)."""
+    path = Path(run)
+    for _ in range(32):  # (a chain of runs, never a cycle)
+        info = read_info(path)
+        nxt = (info.distill or {}).get("teacher") or info.source
+        if not nxt or not (Path(nxt) / "svdcompress.json").is_file():
+            return nxt
+        path = Path(nxt)
+    return None
 
 
 def read_config(meta: dict) -> SVDConfig | None:

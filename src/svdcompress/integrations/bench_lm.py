@@ -204,7 +204,8 @@ def lm_benchmark(model: nn.Module, batches=(1, 8), prompt_tokens: int = 512, new
         raise ConfigError(f"{type(model).__name__} is not a causal language model")
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("prompt tokens, new tokens and repeats must be at least 1, warm-up at least 0")
-    check_positions(model.hf_config, prompt_tokens + new_tokens + 1, "a prompt plus new tokens of")
+    check_positions(model.hf_config, prompt_tokens + new_tokens + 1,
+                    f"--prompt-tokens ({prompt_tokens}) plus --new-tokens ({new_tokens}) plus one, in all")
     if threads is not None:
         torch.set_num_threads(threads)
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

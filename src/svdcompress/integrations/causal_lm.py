@@ -187,7 +187,7 @@ def generate(model: CausalLM, prompt: str, max_new_tokens: int | None = None, sa
         known = positions(model.hf_config)
         max_new_tokens = max(1, min(64, known[0] - ids.numel())) if known else 64
     check_positions(model.hf_config, ids.numel() + max_new_tokens,
-                    f"the prompt ({ids.numel()} tokens) plus --max-new-tokens")
+                    f"the prompt ({ids.numel()} tokens) plus --max-new-tokens ({max_new_tokens}), in all")
     if sample and not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
     tok = model.tokenizer

@@ -24,7 +24,7 @@ from ..core.checkpoint import (check_finite, check_schedule, load_checkpoint, lo
                                set_lr)
 from ..core.distill import Distill, embedding_loss
 from ..core.errors import ConfigError
-from ..core.io import load, read_config, read_info, read_meta
+from ..core.io import dense_origin, load, read_config, read_meta
 from ..core.runinfo import RunInfo
 from .hf import SentenceEncoder, calibration_sentences, load_encoder, read_texts
 from .hf_load import check_reference
@@ -107,7 +107,7 @@ def distill_encoder_run(run: str | Path, out: str | Path, cfg: EncoderTrainConfi
     student = load(run)
     if not isinstance(student, SentenceEncoder):
         raise ConfigError(f"{run} is not a sentence encoder run")
-    teacher = Path(teacher or read_info(run).source or "")
+    teacher = Path(teacher or dense_origin(run) or "")
     if not (teacher / "config.json").is_file():
         raise ConfigError(f"the teacher {teacher} is not a Hugging Face model directory: name it "
                           "with --teacher DIR")

@@ -30,7 +30,7 @@ from ..core.checkpoint import (check_finite, check_schedule, load_checkpoint, lo
                                set_lr)
 from ..core.distill import Distill, logit_loss
 from ..core.errors import ConfigError
-from ..core.io import load, read_config, read_info, read_meta
+from ..core.io import dense_origin, load, read_config, read_meta
 from ..core.kinds import low_rank_kind
 from ..core.runinfo import RunInfo
 from .causal_lm import CausalLM, ids_of, load_causal_lm, read_text
@@ -212,7 +212,7 @@ def recover_lm_run(run: str | Path, out: str | Path, cfg: LMTrainConfig, distill
     if student.tokenizer is None:
         raise ConfigError(f"{run} has no tokenizer: it cannot read --text")
     check_positions(student.hf_config, cfg.seq_len, "--seq-len")
-    teacher_path = Path(teacher or read_info(run).source or "")
+    teacher_path = Path(teacher or dense_origin(run) or "")
     if not teacher_path.exists():
         raise ConfigError(f"the teacher {teacher_path} does not exist: name the dense model "
                           "with --teacher")
