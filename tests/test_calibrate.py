@@ -253,6 +253,34 @@ def test_moments_keep_each_statistic_once():
     assert kept.fit is not None and kept.cross is None
 
 
+@pytest.mark.parametrize("limit", [1 << 40, 3000, 1])
+def test_small_batches_are_gathered_into_one_product_with_the_same_sums(monkeypatch, limit):
+    """Rows of small batches are summed together (fit and held-out rows apart, each batch
+    split as before): the same moments as batch by batch, whether all batches are gathered,
+    some, or none; rows changed in place after they were added do not count; unchanged
+    inputs keep cross moments equal to the second moments to the bit."""
+    from svdcompress.core import calibrate
+    monkeypatch.setattr(calibrate, "PENDING_BYTES", limit)
+    g = torch.Generator().manual_seed(0)
+    ys = [torch.randn(12, 600, generator=g) for _ in range(5)]
+    xs = [y + 0.1 * torch.randn(12, 600, generator=g) for y in ys]
+    m, same = calibrate.Moments(), calibrate.Moments()
+    for x, y in zip(xs, ys):
+        m.add(y, x)
+        same.add(y, y.clone())
+        x.mul_(7)  # (an activation the model changes after the hook saw it)
+        y.mul_(7)
+    stats, unchanged = m.stats("layer"), same.stats("layer")
+    fit = torch.cat([y[:9] for y in ys]).double() / 7, torch.cat([x[:9] for x in xs]).double() / 7
+    held = torch.cat([y[9:] for y in ys]).double() / 7, torch.cat([x[9:] for x in xs]).double() / 7
+    torch.testing.assert_close(stats.fit[0], fit[0].T @ fit[0] / 45, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.fit[1], fit[1].T @ fit[0] / 45, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.held[0], held[0].T @ held[0] / 15, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.held[1], held[1].T @ held[0] / 15, rtol=1e-5, atol=1e-6)
+    assert stats.rows == 60 and m.pending == [[], []]
+    assert torch.equal(unchanged.fit[0], unchanged.fit[1]) and torch.equal(unchanged.held[0], unchanged.held[1])
+
+
 def test_damped_shifts_the_diagonal_exactly():
     from svdcompress.core.factorize import damped
     c = torch.randn(6, 6, dtype=torch.float64)

@@ -65,9 +65,10 @@ def test_every_rank_computes_the_same_result_as_one_process(tmp_path, job):
     one = load_file(tmp_path / "one-rank0.safetensors")
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # the ranks agree bit for bit
-        if job != "dynamic":  # summed statistics: the same factors as one process, 1e-6
+        if job != "dynamic":  # summed statistics: the same factors as one process to float32's
+            # round-off (each process gathers its own batches' rows into float32 products)
             err = float((r0[k] - one[k]).norm() / one[k].norm().clamp_min(1e-12))
-            assert err < 1e-6, (k, err)
+            assert err < 2e-5, (k, err)
 
 
 def free_port():
