@@ -43,11 +43,19 @@ def test_all_zero_matrix():
 
 
 def test_ratio_keeps_at_most_that_fraction_of_parameters():
-    for m, n, r in [(1024, 784, 0.1), (10, 20, 0.5), (64, 64, 0.25), (3, 100, 1.0)]:
+    for m, n, r in [(1024, 784, 0.1), (10, 20, 0.5), (64, 64, 0.25), (3, 100, 0.99)]:
         d = choose_rank(sv(torch.randn(m, n)), RankSpec("ratio", r), (m, n))
         assert 1 <= d <= min(m, n)
         assert d * (m + n) <= r * m * n or d == 1
         assert (d + 1) * (m + n) > r * m * n or d == min(m, n)
+
+
+def test_ratio_one_keeps_every_layer_whole():
+    # every parameter kept: the full rank (the layer stays dense), not a lossy rank that
+    # saves a rounding's worth of parameters (576 x 1536 at ratio 1 was rank 418 of 576)
+    for shape in [(576, 1536), (10, 20), (64, 64)]:
+        d = choose_rank(None, RankSpec("ratio", 1.0), shape)
+        assert d == min(shape) and not saves_parameters(d, shape)
 
 
 def test_saves_parameters_boundary():

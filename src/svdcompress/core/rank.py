@@ -74,8 +74,9 @@ def choose_rank(singular_values: torch.Tensor, spec: RankSpec, shape: tuple[int,
     full = min(m, n)
     if spec.kind == "rank":
         return min(int(spec.value), full)
-    if spec.kind == "ratio":
-        return max(1, min(full, int(math.floor(spec.value * m * n / (m + n)))))
+    if spec.kind == "ratio":  # (1: every parameter kept, so the full rank: the layer stays dense,
+        # where the floor below gave a lossy rank that saved a rounding's worth of parameters)
+        return full if spec.value >= 1 else max(1, min(full, int(math.floor(spec.value * m * n / (m + n)))))
     # energy: singular values that are numerically zero carry no energy, so energy=1.0 on a
     # rank-deficient matrix gives its numerical rank, not min(m, n) because of round-off.
     r = numerical_rank(singular_values, shape)
