@@ -253,6 +253,65 @@ def test_moments_keep_each_statistic_once():
     assert kept.fit is not None and kept.cross is None
 
 
+def test_a_padding_mask_applies_only_to_rows_laid_out_as_it_is():
+    from svdcompress.core.calibrate import mask_for, row_mask
+    ids = torch.ones(2, 5, dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    keep = row_mask({"input_ids": ids, "attention_mask": mask})
+    assert keep.tolist() == (mask != 0).tolist()
+    assert row_mask({"input_ids": ids, "attention_mask": mask.float()}).tolist() == keep.tolist()  # any dtype
+    assert row_mask({"input_ids": ids, "attention_mask": torch.ones(2, 5)}) is None  # nothing masked
+    assert row_mask({"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids}) is None  # encoder's
+    assert mask_for(torch.randn(2, 5, 8), keep).numel() == 10  # (B, T, d)
+    assert mask_for(torch.randn(10, 8), keep).numel() == 10  # flattened batch-major (OPT's MLP)
+    assert mask_for(torch.randn(5, 2, 8), keep) is None  # sequence-first: every row kept
+    assert mask_for(torch.randn(2, 8, 5, 5), keep) is None  # an image
+    square = row_mask({"attention_mask": torch.tensor([[1, 0], [1, 1]])})
+    assert mask_for(torch.randn(2, 2, 8), square) is None  # B = T: the layout cannot be told
+
+
+def test_blockwise_masks_only_the_rows_laid_out_batch_major(monkeypatch):
+    """A block whose MLP runs sequence-first: its rows are kept whole (not masked by count),
+    as the per-layer path keeps them; the batch-major layer's padded rows are dropped."""
+    from torch import nn
+    from svdcompress.core import calibrate
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, h):
+            h = h + self.a(h)  # batch-major (B, T, d)
+            return h + self.b(h.transpose(0, 1)).transpose(0, 1)  # sequence-first (T, B, d)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.blocks = nn.Embedding(20, 8), nn.ModuleList([Block(), Block()])
+
+        def forward(self, input_ids, attention_mask):
+            h = self.emb(input_ids)
+            for b in self.blocks:
+                h = b(h)
+            return h
+    seen = {}
+    real = calibrate.Moments.add
+
+    def add(self, y, x=None, mask=None):
+        seen.setdefault(id(self), []).append(y.shape[0] if mask is None else int(mask.sum()))
+        return real(self, y, x, mask)
+    monkeypatch.setattr(calibrate.Moments, "add", add)
+    torch.manual_seed(0)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[:, 5:] = 0
+    data = [{"input_ids": torch.randint(0, 20, (3, 7)), "attention_mask": mask} for _ in range(2)]
+    for blockwise in (True, False):
+        seen.clear()
+        sc.compress_(Net(), sc.SVDConfig(rank=2, method="whiten", blockwise=blockwise), data)
+        assert sorted(sum(v) for v in seen.values()) == [30, 30, 42], (blockwise, seen)  # (the last b: output layer)
+
+
 @pytest.mark.parametrize("limit", [1 << 40, 3000, 1])
 def test_small_batches_are_gathered_into_one_product_with_the_same_sums(monkeypatch, limit):
     """Rows of small batches are summed together (fit and held-out rows apart, each batch

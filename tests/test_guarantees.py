@@ -346,7 +346,7 @@ def _int8_run(tmp_path):
     (lambda t: t.update({"hidden.0.u_int8": t["hidden.0.u_int8"].to(torch.uint8)}), "is torch.uint8"),
     (lambda t: t.update({"hidden.0.v_int8": t["hidden.0.v_int8"].to(torch.int32)}), "is torch.int32"),
     (lambda t: t.update({"hidden.0.u_scale": torch.zeros_like(t["hidden.0.u_scale"])}), "scales must be"),
-    (lambda t: t.update({"hidden.0.v_scale": t["hidden.0.v_scale"].double()}), "scales must be"),
+    (lambda t: t.update({"hidden.0.v_scale": -t["hidden.0.v_scale"]}), "scales must be"),
 ])
 def test_a_rewritten_file_with_other_dtypes_or_bad_scales_is_refused(tmp_path, change, message):
     # a file rewritten and rehashed (consistently wrong): int8 factors must be int8, their
@@ -358,6 +358,17 @@ def test_a_rewritten_file_with_other_dtypes_or_bad_scales_is_refused(tmp_path, c
     rehash(run)
     with pytest.raises(sc.FormatError, match=message):
         sc.load(run)
+
+
+def test_an_int8_run_of_a_half_precision_model_loads(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(12, [10, 10], 3)
+    sc.compress_(model, sc.SVDConfig(rank=3))
+    sc.quantize_(model)
+    model.half()  # (the int8 scales become float16 too)
+    sc.save(model, tmp_path / "run")
+    x = torch.randn(4, 12).half()
+    assert torch.equal(sc.load(tmp_path / "run")(x), model(x))
 
 
 def test_float_factors_of_one_layer_in_two_dtypes_are_refused(tmp_path):

@@ -30,13 +30,13 @@ def positive_int(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    """A random seed: an integer from 0 to 2^63 - 1 (what torch.manual_seed takes)."""
+    """A random seed: an integer from 0 to 2^32 - 1 (what every command's seed takes)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^63 - 1, got {text}")
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^32 - 1, got {text}")
     return value
 
 

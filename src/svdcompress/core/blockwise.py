@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import Moments, mask_for, row_mask
+from .calibrate import Moments
+from .padding import masked_rows, row_mask
 from .kinds import dense_kind, low_rank_kind
 from .lockstep import lockstep_block
 from .profile import Profile, phase
@@ -78,7 +79,7 @@ class Stream:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     per_block: list | None = None
-    mask: torch.Tensor | None = None  # the rows that are real tokens (calibrate.mask_for), or None
+    mask: torch.Tensor | None = None  # the batch's real positions (calibrate.row_mask), or None
 
     def run(self, block: nn.Module, device, hidden=None, index: int = 0) -> torch.Tensor:
         args, kwargs = (self.args, self.kwargs) if self.per_block is None else self.per_block[index]
@@ -120,7 +121,7 @@ def capture(model: nn.Module, blocks: nn.ModuleList, batches: list, forward: Cal
             if any(c is None or not c[0] for c in calls[:last + 1]):
                 return None
             hidden = calls[0][0][0].detach()
-            mask = mask_for(hidden, row_mask(batch))  # padded positions: no statistics
+            mask = row_mask(batch)  # padded positions: no statistics
             if chain == "same":
                 streams.append(Stream(hidden, _replayable(tuple(calls[0][0][1:])),
                                       _replayable(dict(calls[0][1])), mask=mask))
@@ -234,7 +235,8 @@ def discover(block: nn.Module, names: list[str], stream: Stream, device, index: 
     def seen(module, args, name):
         order.append((name, id(args[0])))
         keep.append(args[0])
-        rows.setdefault(name, []).append(dense_kind(module).inputs(module, args[0]).detach())
+        rows.setdefault(name, []).append(masked_rows(dense_kind(module).inputs(module, args[0]).detach(),
+                                                     args[0], stream.mask))
 
     handles = [block.get_submodule(n).register_forward_pre_hook(
         lambda m, a, n=n: seen(m, a, n)) for n in names]
@@ -272,7 +274,7 @@ def group_rows(block: nn.Module, groups: list[Group], stream: Stream, device, hi
         layer = block.get_submodule(group.names[0])
 
         def grab(module, args, k=k, kind=dense_kind(layer), calls=group.calls):
-            rows[k].append(kind.inputs(module, args[0]).detach())
+            rows[k].append(masked_rows(kind.inputs(module, args[0]).detach(), args[0], stream.mask))
             if stop and k == len(groups) - 1 and len(rows[k]) == calls:
                 raise _Stop
         handles.append(layer.register_forward_pre_hook(grab))
@@ -347,8 +349,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                 with phase(profile, "statistics"):
                     for j, ys in enumerate(rows_by_batch):
                         for x, y in zip(kept[j][k], ys):  # call by call
-                            stats.add(y, x if w is None else (x.to(w.dtype) - y.to(w.dtype)) @ w.T,
-                                      mask=original[j].mask)
+                            stats.add(y, x if w is None else (x.to(w.dtype) - y.to(w.dtype)) @ w.T)
                         kept[j][k] = None
                     stats = stats.stats(here + group.names[0])
                 stats.weighted = w is not None
@@ -386,7 +387,7 @@ def compress_blocks(blocks: nn.ModuleList, prefix: str, names: list[str], stream
                 with phase(profile, "statistics"):
                     for m, calls in zip(stats, rows_of):
                         for rows in calls:
-                            m.add(rows, mask=s.mask)
+                            m.add(rows)
             for group, m in zip(groups, stats):
                 with phase(profile, "statistics"):
                     group_stats = m.stats(here + group.names[0])

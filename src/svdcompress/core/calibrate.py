@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .errors import ConfigError
 from .kinds import dense_kind
+from .padding import kept_rows as _kept, mask_for, row_mask
 
 
 class _Stop(Exception):
@@ -28,31 +29,6 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if kind is None:
         raise TypeError(f"no layer kind for {type(module).__name__}")
     return kind.inputs(module, x)
-
-
-def row_mask(batch) -> torch.Tensor | None:
-    """Which positions of a batch are real tokens: a dict batch's ``attention_mask`` (B x T)
-    as a boolean (B, T) mask, where it masks some position; None when it masks none or there
-    is none. Padded positions are computed by the model but never used: their rows are left
-    out of the statistics."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_floating_point():
-        return None
-    keep = mask != 0
-    return None if bool(keep.all()) else keep
-
-
-def mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``mask`` flattened to the rows of a layer input ``x``: one per position, batch-major
-    (an input laid out (B, T, ...) as the mask is, or already flattened to B * T rows, as
-    OPT's MLP input is); None for an input laid out otherwise (then every row is kept)."""
-    if mask is None or (x.dim() >= 3 and tuple(x.shape[:2]) != tuple(mask.shape)):
-        return None
-    return mask.reshape(-1)
-
-
-def _kept(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask.to(rows.device)]
 
 
 HELD_OUT = 4  # the last 1/HELD_OUT of each batch's rows are held out
@@ -143,9 +119,10 @@ class Moments:
 
     Products are taken in float32 (float64 for a float64 model) and summed in float64: a
     product over a few thousand rows in float32 is accurate to ~1e-6, and twice as fast.
-    Small batches' rows are gathered into one product (up to PENDING_BYTES, and half the
-    size of the sums they feed): fewer n x n float64 additions (a 1,536-wide one moves 19 MB)
-    and larger products."""
+    Small batches' rows are gathered into one product (up to PENDING_BYTES, and a quarter of
+    the size of the sums they feed, which bounds the extra memory where every layer of a
+    model gathers at once): fewer n x n float64 additions (a 1,536-wide one moves 19 MB) and
+    larger products."""
 
     def __init__(self) -> None:
         self.yy = self.xy = None  # [fit rows, held-out rows], each (n, n): apart, so either can be freed
@@ -172,9 +149,9 @@ class Moments:
                 self.xy = [torch.zeros(x.shape[1], n, dtype=torch.float64, device=y.device) for _ in range(2)]
         cut = held_out_start(y.shape[0])
         same = x is not None and torch.equal(x, y)
-        # gathered rows stay under half of a part's own n x n float64 sum (and PENDING_BYTES):
-        # the hooks of every layer of a model may gather at once
-        limit = min(PENDING_BYTES, self.yy[0].numel() * 4)
+        # gathered rows stay under a quarter of a part's own n x n float64 sum (and
+        # PENDING_BYTES): the hooks of every layer of a model may gather at once
+        limit = min(PENDING_BYTES, self.yy[0].numel() * 2)
         for part, rows in enumerate((slice(0, cut), slice(cut, None))):
             ys = y[rows]
             if ys.shape[0] == 0:

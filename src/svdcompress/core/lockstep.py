@@ -16,6 +16,7 @@ import greenlet
 import torch
 from torch import nn
 
+from .padding import masked_rows
 from .kinds import dense_kind
 from .profile import Profile, phase
 
@@ -42,7 +43,8 @@ class _Gate(nn.Module):
             return getattr(self._modules["inner"], name)
 
     def forward(self, *args, **kwargs):
-        self.lock.arrive(self.k, dense_kind(self.inner).inputs(self.inner, args[0]).detach())
+        self.lock.arrive(self.k, masked_rows(dense_kind(self.inner).inputs(self.inner, args[0]).detach(),
+                                             args[0], self.lock.masks[self.lock.current]))
         parent, child = self.where
         return getattr(parent, child)(*args, **kwargs)
 
@@ -60,8 +62,10 @@ class _Lockstep:
     parallel regions) then ran 3-7x slower while the parked passes' threads lived
     (SmolLM2-135M at 16 sequences: 180 s with threads, 90 s with partial passes)."""
 
-    def __init__(self, passes: list[Callable[[], torch.Tensor]]) -> None:
+    def __init__(self, passes: list[Callable[[], torch.Tensor]], masks: list | None = None) -> None:
         n = len(passes)
+        self.masks = masks or [None] * n  # each pass's batch's real positions (calibrate.row_mask)
+        self.current = 0  # the pass running now
         self.main = greenlet.getcurrent()
         self.at: list = [None] * n  # the gate each pass is parked at, or "done"
         self.out: list = [None] * n
@@ -83,6 +87,7 @@ class _Lockstep:
         rows = []
         for j, let in enumerate(self.lets):
             caller = _thread_state()
+            self.current = j
             try:
                 got = let.switch()
             except BaseException:
@@ -152,7 +157,7 @@ def lockstep_block(block: nn.Module, groups: list, original: list, compressed: l
     those fitted before (the caller fits the rest from partial passes)."""
     passes = [lambda j=j, s=s: s.run(block, device, compressed[j], index) for j, s in enumerate(original)]
     gates = []
-    lock = _Lockstep(passes)
+    lock = _Lockstep(passes, [s.mask for s in original])
     fitted = 0
     try:
         for k, group in enumerate(groups):
