@@ -312,6 +312,42 @@ def test_blockwise_masks_only_the_rows_laid_out_batch_major(monkeypatch):
         assert sorted(sum(v) for v in seen.values()) == [30, 30, 42], (blockwise, seen)  # (the last b: output layer)
 
 
+def test_blocks_given_a_namedtuple_argument_calibrate_block_wise():
+    # (position embeddings as a namedtuple: rebuilding it from a generator raised TypeError)
+    import collections
+    from torch import nn
+    Pos = collections.namedtuple("Pos", "cos sin")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+
+        def forward(self, h, pos):
+            return h + self.a(h) * pos.cos + pos.sin
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks, self.out = nn.ModuleList([Block(), Block()]), nn.Linear(8, 2)
+
+        def forward(self, x):
+            pos = Pos(torch.ones(1, x.shape[1], 1), torch.zeros(1, x.shape[1], 1))
+            for b in self.blocks:
+                x = b(x, pos)
+            return self.out(x)
+    torch.manual_seed(0)
+    data = [torch.randn(3, 5, 8) for _ in range(3)]
+    factors = []
+    for blockwise in (True, False):
+        torch.manual_seed(1)
+        model = Net()
+        assert len(sc.compress_(model, sc.SVDConfig(rank=2, method="whiten", blockwise=blockwise), data).compressed) == 2
+        factors.append([m.dense_weight() for m in model.modules() if isinstance(m, sc.LowRankLinear)])
+    for a, b in zip(*factors):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("limit", [1 << 40, 3000, 1])
 def test_small_batches_are_gathered_into_one_product_with_the_same_sums(monkeypatch, limit):
     """Rows of small batches are summed together (fit and held-out rows apart, each batch

@@ -11,8 +11,7 @@ calibration two streams run side by side: the original network's block inputs an
 compressed network's, so each layer is fitted to reproduce its original outputs from the
 inputs the compressed layers before it produce, exactly as the per-layer path does.
 
-A model whose blocks are not chained (a block's output is not the next block's input) is
-left to the per-layer path.
+A model whose blocks are not chained (a block's output is not the next's input) is left to the per-layer path.
 """
 
 from __future__ import annotations
@@ -43,10 +42,14 @@ def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
+        return _like(obj, [_to(o, device) for o in obj])
     if isinstance(obj, dict):
         return {k: _to(v, device) for k, v in obj.items()}
     return obj
+
+
+def _like(obj, items: list):  # a tuple or list of obj's type (a namedtuple takes them one by one)
+    return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
 
 
 def _first(out):
@@ -150,7 +153,7 @@ def _replayable(obj):
     if isinstance(obj, dict):
         return {k: False if k == "use_cache" and isinstance(v, bool) else _replayable(v) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_replayable(o) for o in obj)
+        return _like(obj, [_replayable(o) for o in obj])
     return obj
 
 
