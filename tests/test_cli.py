@@ -53,3 +53,13 @@ def test_tampered_run_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "svdcompress.cli", "info", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    # `svdcompress info RUN | head`: the pipe closes before everything is written
+    sc.save(MLP(20, [16] * 40, 3), tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-m", "svdcompress", "info", str(tmp_path / "run")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the command writes anything
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and err == "", err

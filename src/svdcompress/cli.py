@@ -34,7 +34,7 @@ from .study.runs import compress_run, continue_training, eval_run, sweep_run, tr
 from .study.train import TrainConfig
 from .cli_hf import add_eval_commands, finetune_lm, print_lm_bench
 from .cli_types import (Parser, UsageError, or_default, device, fraction, positive_float, positive_int,  # noqa: F401
-                        rank_list, seed, suffixes_or_regex)
+                        closed_pipe, rank_list, seed, suffixes_or_regex)
 
 
 def cmd_info(args) -> None:
@@ -72,8 +72,7 @@ def cmd_train(args) -> None:
     else:
         history = continue_training(args.init, train_config(args), args.out, data=args.data,
                                     project_rank=args.project_rank, projection=args.projection,
-                                    resume=args.resume, overwrite=args.overwrite,
-                                    progress=not args.quiet)
+                                    resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     print(f"saved {args.out}: test accuracy {history[-1]['test_accuracy']:.4f}" if history
           else f"saved {args.out}")
 
@@ -180,9 +179,8 @@ def add_train_args(s, epochs: str, lr: float, batch: str = "128", schedule: str 
     """The training options; their defaults are the command's (None here: one per path)."""
     s.add_argument("--epochs", type=int, help=f"default {epochs}")
     s.add_argument("--lr", type=positive_float, default=lr, help=f"Adam learning rate (default {lr})")
-    s.add_argument("--schedule", choices=SCHEDULES,
-                   help=f"learning rate: constant, or cosine (annealed to 0 over the epochs; "
-                   f"default {schedule})")
+    s.add_argument("--schedule", choices=SCHEDULES, help="learning rate: constant, or cosine (annealed to 0 "
+                   f"over the epochs; default {schedule})")
     s.add_argument("--batch-size", type=positive_int, help=f"default {batch}")
     s.add_argument("--seed", type=seed, default=0)
     s.add_argument("--device", type=device, default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -262,8 +260,8 @@ def build_parser() -> Parser:
                    "calibrates every layer on the dense network (faster)")
     s.add_argument("--calib-sentences", type=positive_int, default=512,
                    help="with --hf and no --calib: generated calibration sentences (default 512)")
-    s.add_argument("--damping", type=float, default=1e-2,
-                   help="whitening damping, relative to the mean input energy (default 0.01)")
+    s.add_argument("--damping", type=float, default=1e-2, help="whitening damping, relative to the mean "
+                   "input energy (default 0.01)")
     s.add_argument("--allocation", choices=list(ALLOCATIONS), default="uniform",
                    help="with --ratio, per-layer ranks under one parameter budget: loss-aware "
                    "(measured, calibrated), fisher (loss-aware from one backward pass: for "
@@ -373,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             if not getattr(args, "debug", False):  # a warning is one line, as an error is
                 warnings.showwarning = _one_line
             args.func(args)
+    except BrokenPipeError:  # the reader went away (`svdcompress info RUN | head`): not an error
+        return closed_pipe()
     except (SVDCompressError, OSError) as err:  # user-caused: bad value, bad or missing file
         if getattr(args, "debug", False):
             traceback.print_exc()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from .core.devices import resolve_device
 from .core.errors import ConfigError, SVDCompressError
@@ -27,6 +29,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def closed_pipe() -> int:
+    """Status 0 once the reader of standard output went away (`svdcompress info RUN | head`):
+    what is left to write goes to /dev/null, so no second error comes at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
 
 
 def seed(text: str) -> int:
