@@ -82,7 +82,7 @@ class Stream:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     per_block: list | None = None
-    mask: torch.Tensor | None = None  # the batch's real positions (calibrate.row_mask), or None
+    mask: torch.Tensor | None = None  # the batch's real positions (padding.row_mask), or None
 
     def run(self, block: nn.Module, device, hidden=None, index: int = 0) -> torch.Tensor:
         args, kwargs = (self.args, self.kwargs) if self.per_block is None else self.per_block[index]

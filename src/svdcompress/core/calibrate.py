@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .errors import ConfigError
 from .kinds import dense_kind
-from .padding import kept_rows as _kept, mask_for, row_mask
+from .padding import masked_rows, row_mask
 
 
 class _Stop(Exception):
@@ -136,12 +136,11 @@ class Moments:
     def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
-    def add(self, y: torch.Tensor, x: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
-        """Add rows y (and their pairs x); ``mask``: which rows to keep (``mask_for``)."""
+    def add(self, y: torch.Tensor, x: torch.Tensor | None = None) -> None:
         if self.done:
             raise RuntimeError("these moments were already turned into Stats")
-        y = self._rows(_kept(y, mask))
-        x = None if x is None else self._rows(_kept(x, mask)).to(y.device)
+        y = self._rows(y)
+        x = None if x is None else self._rows(x).to(y.device)
         if self.yy is None:
             n = y.shape[1]
             self.yy = [torch.zeros(n, n, dtype=torch.float64, device=y.device) for _ in range(2)]
@@ -267,7 +266,7 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
     def hook(name):
         def fn(module, args):
             rows = layer_inputs(module, args[0])
-            stats[name].add(rows, mask=mask_for(args[0], pads[0]))
+            stats[name].add(masked_rows(rows, args[0], pads[0]))
         return fn
 
     for name, module in modules.items():
@@ -302,7 +301,7 @@ def record_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: Iter
 
     def hook(mod, args, name):
         order.setdefault(name)
-        rows[name][-1].append(_kept(layer_inputs(mod, args[0]).detach().float(), mask_for(args[0], pads[0])))
+        rows[name][-1].append(masked_rows(layer_inputs(mod, args[0]).detach().float(), args[0], pads[0]))
 
     handles = [m.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
                for name, m in modules.items()]
@@ -334,7 +333,7 @@ def collect_paired(compressed: nn.Module, name: str, batches: Iterable, forward:
     pads = [None]  # the current batch's row_mask (as record_inputs applied it)
 
     def grab(module, args):
-        seen.append(_kept(layer_inputs(module, args[0]).detach(), mask_for(args[0], pads[0])))
+        seen.append(masked_rows(layer_inputs(module, args[0]).detach(), args[0], pads[0]))
         if len(seen) == want:
             raise _Stop
 

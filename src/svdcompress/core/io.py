@@ -319,8 +319,8 @@ def _check_shapes(directory: Path, meta: dict) -> None:
 def _check_layer_tensors(name: str, tensors: dict) -> None:
     """A low-rank layer's own tensors in the file: its float tensors (factors, bias) in one
     dtype (a float16 u beside a float32 v fails at the first forward pass), and int8 scales
-    (``*_scale``) floating, finite and positive (float32 as quantize_ makes them, or the
-    dtype a model's .half() cast them to)."""
+    (``*_scale``) floating and positive (float32 as quantize_ makes them, or the dtype a
+    model's .half() cast them to; load_state refuses non-finite values)."""
     own = {k[len(name) + 1:]: t for k, t in tensors.items()
            if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
     scales = {k for k in own if k.endswith("_scale")}
@@ -329,8 +329,8 @@ def _check_layer_tensors(name: str, tensors: dict) -> None:
         raise FormatError(f"layer {name!r} mixes tensor dtypes in the file ({', '.join(sorted(floats))})")
     for k in sorted(scales):
         t = own[k]
-        if not t.is_floating_point() or not bool(torch.isfinite(t).all() and (t > 0).all()):
-            raise FormatError(f"tensor {name + '.' + k!r}: int8 scales must be floating, finite and positive")
+        if not t.is_floating_point() or not bool((t > 0).all()):  # (NaN fails too)
+            raise FormatError(f"tensor {name + '.' + k!r}: int8 scales must be floating and positive")
 
 
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -64,7 +64,7 @@ class _Lockstep:
 
     def __init__(self, passes: list[Callable[[], torch.Tensor]], masks: list | None = None) -> None:
         n = len(passes)
-        self.masks = masks or [None] * n  # each pass's batch's real positions (calibrate.row_mask)
+        self.masks = masks or [None] * n  # each pass's batch's real positions (padding.row_mask)
         self.current = 0  # the pass running now
         self.main = greenlet.getcurrent()
         self.at: list = [None] * n  # the gate each pass is parked at, or "done"

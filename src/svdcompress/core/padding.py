@@ -38,9 +38,7 @@ def mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def masked_rows(rows: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A layer's input rows (from its input ``x``) without those of padded positions."""
-    return kept_rows(rows, mask_for(x, mask))
-
-
-def kept_rows(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return rows if mask is None or rows.shape[0] != mask.numel() else rows[mask.to(rows.device)]
+    """A layer's input rows (from its input ``x``) without those of padded positions (all of
+    them where ``x`` is not laid out as ``mask``, or gives another number of rows)."""
+    keep = mask_for(x, mask)
+    return rows if keep is None or rows.shape[0] != keep.numel() else rows[keep.to(rows.device)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Iterator
 
 from torch import nn
@@ -146,10 +147,7 @@ def quantize_(model: nn.Module, scheme: str = "int8") -> int:
             replace_module(model, name, Int8LowRankLinear.from_low_rank(module).train(module.training))
             done += 1
     if not done:
-        kinds: dict[str, int] = {}
-        for module in model.modules():
-            if low_rank_kind(module) is not None:
-                kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+        kinds = Counter(type(m).__name__ for m in model.modules() if low_rank_kind(m) is not None)
         if not kinds:
             raise ConfigError("nothing to quantize: the model has no low-rank layer (compress it first)")
         if set(kinds) == {Int8LowRankLinear.__name__}:
